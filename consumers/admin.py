@@ -1,0 +1,145 @@
+"""Operator commands: stats, purge, dead letters."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import psycopg
+import redis.asyncio as aioredis
+from psycopg.rows import dict_row
+
+from consumers.keys import JANITOR_GROUP, PERSISTER_GROUP, REQUESTS_GROUP, Keys
+from consumers.storage.blobs import BlobStore
+from schemas.events import ChangeEvent, DeadLetter
+
+
+async def stream_stats(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
+    out: dict[str, Any] = {"streams": {}, "workers": []}
+    for stream, groups in ((keys.requests, [REQUESTS_GROUP]), (keys.results, []),
+                           (keys.dead_letter, []),
+                           (keys.changes, [PERSISTER_GROUP, JANITOR_GROUP])):
+        info: dict[str, Any] = {"length": await redis.xlen(stream), "groups": {}}
+        if groups and info["length"] is not None:
+            try:
+                for group in await redis.xinfo_groups(stream):
+                    name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
+                    info["groups"][name] = {"pending": group["pending"], "lag": group.get("lag"),
+                                            "consumers": group["consumers"]}
+            except aioredis.ResponseError:
+                pass
+        out["streams"][stream] = info
+    async for key in redis.scan_iter(match=keys.health("*"), count=500):
+        raw = await redis.get(key)
+        if raw:
+            out["workers"].append(json.loads(raw))
+    stored = await redis.get(keys.stored_bytes)
+    out["stored_bytes"] = int(stored) if stored else 0
+    return out
+
+
+def database_stats(database_url: str) -> dict[str, Any]:
+    with psycopg.connect(database_url, row_factory=dict_row, connect_timeout=5) as conn:
+        totals = conn.execute(
+            "SELECT count(*) AS entries, coalesce(sum(image_bytes + thumbnail_bytes), 0)::bigint"
+            " AS bytes, coalesce(sum(hit_count), 0)::bigint AS hits,"
+            " round(coalesce(sum(generation_ms * hit_count), 0)::numeric / 1000, 1)"
+            " AS generator_seconds_saved FROM cache_entries").fetchone() or {}
+        tiers = conn.execute(
+            "SELECT tier, count(*) AS hits,"
+            " round(percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms)::numeric, 1) AS p50_ms,"
+            " round(percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms)::numeric, 1) AS p99_ms"
+            " FROM cache_hits GROUP BY tier ORDER BY tier").fetchall()
+    return {**totals, "hits_by_tier": tiers}
+
+
+def render_stats(streams: dict[str, Any], db: dict[str, Any] | None) -> str:
+    lines = ["streams"]
+    for name, info in streams["streams"].items():
+        groups = ", ".join(f"{g}: pending {v['pending']}, lag {v['lag']}"
+                           for g, v in info["groups"].items())
+        lines.append(f"  {name:<32} length {info['length']:<8} {groups}")
+    lines.append("workers (last health report)")
+    for w in sorted(streams["workers"], key=lambda w: w["consumer"]):
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(w.items())
+                           if k not in ("consumer", "at"))
+        lines.append(f"  {w['consumer']:<32} {counts}  ({time.time() - w['at']:.0f}s ago)")
+    if not streams["workers"]:
+        lines.append("  none reporting")
+    lines.append(f"stored bytes (janitor account)  {streams['stored_bytes']:,}")
+    if db is not None:
+        lines.append("database")
+        lines.append(f"  entries {db['entries']:,}   bytes {db['bytes']:,}   hits {db['hits']:,}"
+                     f"   generator seconds saved {db['generator_seconds_saved']}")
+        for row in db["hits_by_tier"]:
+            lines.append(f"  {row['tier']:<10} hits {row['hits']:<8} p50 {row['p50_ms']} ms"
+                         f"   p99 {row['p99_ms']} ms")
+    return "\n".join(lines)
+
+
+async def purge(redis: aioredis.Redis, keys: Keys, database_url: str, blobs: BlobStore, *,
+                entry_ids: list[str] | None = None, prompt_like: str | None = None,
+                older_than_s: float | None = None, everything: bool = False) -> int:
+    """Evict matching entries: exact key, blob (when no other entry shares it), metadata row.
+
+    The row goes through the change stream like any eviction, so the persister and the janitor's
+    byte account see it.
+    """
+    where, args = [], []
+    if entry_ids:
+        where.append("entry_id = ANY(%s)")
+        args.append(entry_ids)
+    if prompt_like:
+        where.append("prompt ILIKE %s")
+        args.append(f"%{prompt_like}%")
+    if older_than_s is not None:
+        where.append("created_at < now() - make_interval(secs => %s)")
+        args.append(older_than_s)
+    if not where and not everything:
+        raise ValueError("say what to purge: --entry, --prompt, --older-than or --all")
+    sql = "SELECT * FROM cache_entries" + (" WHERE " + " AND ".join(where) if where else "")
+    with psycopg.connect(database_url, row_factory=dict_row, connect_timeout=5) as conn:
+        rows = conn.execute(sql, args).fetchall()  # type: ignore[arg-type]
+        ids = [r["entry_id"] for r in rows]
+        shared = {r["blob_sha256"] for r in conn.execute(
+            "SELECT DISTINCT blob_sha256 FROM cache_entries WHERE blob_sha256 = ANY(%s)"
+            " AND NOT entry_id = ANY(%s)", ([r["blob_sha256"] for r in rows], ids)).fetchall()}
+    for row in rows:
+        await redis.delete(keys.exact(row["cache_key"]))
+        freed_image = row["image_bytes"] if row["blob_sha256"] not in shared else 0
+        if row["blob_sha256"] not in shared:
+            blobs.delete(row["blob_sha256"], row["content_type"])
+        event = ChangeEvent(type="entry_evicted", entry_id=row["entry_id"], at=time.time(),
+                            reason="purge", blob_sha256=row["blob_sha256"],
+                            image_bytes=freed_image,
+                            thumbnail_bytes=row["thumbnail_bytes"] if freed_image else 0)
+        await redis.xadd(keys.changes, {"data": event.model_dump_json(exclude_none=True)})
+    return len(rows)
+
+
+async def dead_letters(redis: aioredis.Redis, keys: Keys, count: int) -> list[tuple[str, DeadLetter]]:
+    entries = await redis.xrevrange(keys.dead_letter, count=count)
+    return [(mid.decode(), DeadLetter.model_validate_json(f[b"data"])) for mid, f in entries]
+
+
+async def replay(redis: aioredis.Redis, keys: Keys, ids: list[str] | None) -> int:
+    """Put dead-lettered entries back on the requests stream (as new entries) and drop them.
+
+    A request that was dead-lettered after the delivery limit already got a `failed` result;
+    replaying it is the operator's deliberate choice to try again, so its request id is
+    forgotten and the replay gets a fresh result.
+    """
+    entries = await redis.xrange(keys.dead_letter) if ids is None else [
+        e for mid in ids for e in await redis.xrange(keys.dead_letter, mid, mid)]
+    replayed = 0
+    for mid, fields in entries:
+        letter = DeadLetter.model_validate_json(fields[b"data"])
+        async with redis.pipeline(transaction=True) as pipe:
+            if letter.request_id:
+                pipe.delete(keys.done(letter.request_id))
+            pipe.xadd(keys.requests, letter.entry)  # type: ignore[arg-type]
+            pipe.xdel(keys.dead_letter, mid)
+            await pipe.execute()
+        replayed += 1
+    return replayed

@@ -1,0 +1,1 @@
+"""Cache tiers: exact (hash of the canonical request) and, later, semantic."""

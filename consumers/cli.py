@@ -1,0 +1,250 @@
+"""The `promptcache` command: the composition root. Only this module reads the environment."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from collections.abc import Sequence
+
+import structlog
+from pydantic import ValidationError
+
+from consumers import logs
+from consumers.config import Settings
+from consumers.errors import ConfigError
+
+RET_OK = 0
+RET_ERROR = 1
+RET_USAGE = 2
+RET_NOT_ANSWERED = 3
+
+log = structlog.get_logger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="promptcache",
+        description="An image-generation cache on Redis Streams. Configuration comes from the "
+                    "environment (REDIS_URL, DATABASE_URL, PROMPTCACHE_*); see the README.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run everything in the foreground (embedded servers where "
+                                   "no URL is given)")
+    up.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    up.add_argument("--demo", type=int, default=0, metavar="N",
+                    help="once ready, send N real prompts twice and print a table of results")
+
+    worker = sub.add_parser("worker", help="consume promptcache:requests (group 'workers')")
+    worker.add_argument("--burst", action="store_true", help="exit once the stream is drained")
+    janitor = sub.add_parser("janitor", help="stream trimming and storage accounting")
+    janitor.add_argument("--burst", action="store_true", help="one pass, then exit")
+    sub.add_parser("web", help="serve images, thumbnails and health endpoints")
+    sub.add_parser("migrate", help="apply the SQL migrations in migrations/")
+
+    submit = sub.add_parser("submit", help="publish one request and wait for its result")
+    submit.add_argument("prompt")
+    submit.add_argument("--negative", default=None)
+    submit.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a generation param, e.g. --param width=512 --param seed=7")
+    submit.add_argument("--cache", choices=["use", "refresh", "bypass"], default="use")
+    submit.add_argument("--no-optimize", action="store_true")
+    submit.add_argument("--id", default=None, help="request id (default: a new random one)")
+    submit.add_argument("--timeout", type=float, default=120.0)
+
+    stats = sub.add_parser("stats", help="streams, workers and cache statistics")
+    stats.add_argument("--json", action="store_true")
+
+    purge = sub.add_parser("purge", help="evict cache entries")
+    purge.add_argument("--entry", action="append", default=None, metavar="ENTRY_ID")
+    purge.add_argument("--prompt", default=None, help="entries whose prompt contains this text")
+    purge.add_argument("--older-than", default=None, metavar="DURATION",
+                       help="entries created longer ago than this (e.g. 7d, 12h)")
+    purge.add_argument("--all", action="store_true")
+
+    dead = sub.add_parser("dead-letter", help="list or replay dead letters")
+    dead.add_argument("action", choices=["list", "replay"])
+    dead.add_argument("ids", nargs="*", help="dead-letter entry ids to replay (default: all)")
+    dead.add_argument("--count", type=int, default=20)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"promptcache: bad configuration:\n{exc}", file=sys.stderr)
+        return RET_USAGE
+    logs.configure(settings.log_level,
+                   "console" if args.command in ("up", "submit") and sys.stderr.isatty()
+                   else settings.log_format)
+    try:
+        return _dispatch(args, settings)
+    except ConfigError as exc:
+        print(f"promptcache: {exc}", file=sys.stderr)
+        return RET_USAGE
+    except KeyboardInterrupt:
+        return RET_OK
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers import runtime
+
+    match args.command:
+        case "up":
+            from consumers.stack import up
+
+            return up(settings, workers=args.workers, demo_count=args.demo)
+        case "worker":
+            asyncio.run(runtime.run_worker(settings, burst=args.burst))
+        case "janitor":
+            asyncio.run(runtime.run_janitor(settings, burst=args.burst))
+        case "web":
+            _web(settings)
+        case "migrate":
+            from consumers.storage.migrate import apply
+
+            if not settings.database_url:
+                raise ConfigError("DATABASE_URL is not set")
+            applied = apply(settings.database_url, settings.migrations_dir)
+            print(f"applied {', '.join(applied)}" if applied else "schema up to date")
+        case "submit":
+            return asyncio.run(_submit(args, settings))
+        case "stats":
+            return asyncio.run(_stats(args, settings))
+        case "purge":
+            return asyncio.run(_purge(args, settings))
+        case "dead-letter":
+            return asyncio.run(_dead_letter(args, settings))
+    return RET_OK
+
+
+def _web(settings: Settings) -> None:
+    import uvicorn
+
+    from consumers.keys import Keys
+    from consumers.runtime import blob_store, streams_client
+    from consumers.web import build_app
+
+    redis = streams_client(settings.redis_url) if settings.redis_url else None
+    app = build_app(blobs=blob_store(settings), redis=redis, keys=Keys(settings.prefix))
+    uvicorn.run(app, host=settings.web_host, port=settings.web_port, log_level="warning",
+                timeout_graceful_shutdown=5)
+
+
+def _parse_param(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ConfigError(f"--param {text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+async def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.client import submit
+    from consumers.keys import Keys
+    from consumers.runtime import require_redis_url, streams_client
+    from schemas.events import Request
+
+    try:
+        request = Request.model_validate({
+            "request_id": args.id or f"cli-{uuid.uuid4().hex[:12]}", "prompt": args.prompt,
+            "negative_prompt": args.negative, "params": dict(map(_parse_param, args.param)),
+            "options": {"cache": args.cache, "optimize": not args.no_optimize}})
+    except ValidationError as exc:
+        print(f"promptcache: invalid request:\n{exc}", file=sys.stderr)
+        return RET_USAGE
+    redis = streams_client(require_redis_url(settings))
+    try:
+        result = await submit(redis, Keys(settings.prefix), request, timeout=args.timeout)
+    finally:
+        await redis.aclose()
+    if result is None:
+        print(f"no result for {request.request_id} within {args.timeout:.0f}s "
+              "(is a worker running? `promptcache stats` shows the streams)", file=sys.stderr)
+        return RET_NOT_ANSWERED
+    print(result.model_dump_json(indent=2))
+    if result.status == "ok" and result.entry_id:
+        from consumers.runtime import blob_store
+
+        ext = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}[
+            result.content_type or "image/png"]
+        sha = (result.image_url or "").rsplit("/", 1)[-1].split(".")[0]
+        path = blob_store(settings).image_path(f"{sha}.{ext}")
+        if path is not None and path.exists():
+            print(f"image file: {path}", file=sys.stderr)
+    return RET_OK if result.status == "ok" else RET_ERROR
+
+
+async def _stats(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.admin import database_stats, render_stats, stream_stats
+    from consumers.keys import Keys
+    from consumers.runtime import require_redis_url, streams_client
+
+    redis = streams_client(require_redis_url(settings))
+    try:
+        streams = await stream_stats(redis, Keys(settings.prefix))
+    finally:
+        await redis.aclose()
+    db = None
+    if settings.database_url:
+        try:
+            db = await asyncio.to_thread(database_stats, settings.database_url)
+        except Exception as exc:  # noqa: BLE001 - the report shows what it could read
+            print(f"database unavailable: {exc}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"redis": streams, "database": db}, default=str, indent=2))
+    else:
+        print(render_stats(streams, db))
+    return RET_OK
+
+
+async def _purge(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.admin import purge
+    from consumers.config import _parse_duration
+    from consumers.keys import Keys
+    from consumers.runtime import blob_store, require_redis_url, streams_client
+
+    if not settings.database_url:
+        raise ConfigError("purge needs DATABASE_URL (entries are found in PostgreSQL)")
+    older = None
+    if args.older_than:
+        parsed = _parse_duration(args.older_than)
+        if not hasattr(parsed, "total_seconds"):
+            raise ConfigError(f"--older-than {args.older_than!r}: use e.g. 7d, 12h, 30m")
+        older = parsed.total_seconds()  # type: ignore[union-attr]
+    redis = streams_client(require_redis_url(settings))
+    try:
+        count = await purge(redis, Keys(settings.prefix), settings.database_url,
+                            blob_store(settings), entry_ids=args.entry, prompt_like=args.prompt,
+                            older_than_s=older, everything=args.all)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    finally:
+        await redis.aclose()
+    print(f"purged {count} entries")
+    return RET_OK
+
+
+async def _dead_letter(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.admin import dead_letters, replay
+    from consumers.keys import Keys
+    from consumers.runtime import require_redis_url, streams_client
+
+    redis = streams_client(require_redis_url(settings))
+    keys = Keys(settings.prefix)
+    try:
+        if args.action == "list":
+            for mid, letter in await dead_letters(redis, keys, args.count):
+                print(f"{mid}  {letter.error.code:<24} deliveries {letter.delivery_count}  "
+                      f"request {letter.request_id or '-'}  {letter.error.message}")
+        else:
+            print(f"replayed {await replay(redis, keys, args.ids or None)} entries")
+    finally:
+        await redis.aclose()
+    return RET_OK

@@ -1,0 +1,110 @@
+"""One frozen Settings object, read from the environment once (in cli.py) and passed down.
+
+`REDIS_URL`, `CACHE_REDIS_URL` and `DATABASE_URL` are read as the platform sets them; everything
+else is `PROMPTCACHE_*`. The README's configuration table lists every field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, BeforeValidator, ByteSize, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _parse_duration(value: object) -> object:
+    """Accept `30d`, `12h`, `90s`, `500ms`, plain seconds, or ISO 8601 (`P30D`)."""
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[(m.group(2) or "s").lower()])
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_parse_duration)]
+GeneratorKind = Literal["procedural", "runpod", "openai", "automatic1111"]
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "promptcache"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PROMPTCACHE_", frozen=True, extra="ignore", populate_by_name=True
+    )
+
+    # servers
+    redis_url: str | None = Field(None, validation_alias=AliasChoices("REDIS_URL", "redis_url"))
+    cache_redis_url: str | None = Field(
+        None, validation_alias=AliasChoices("CACHE_REDIS_URL", "cache_redis_url")
+    )
+    database_url: str | None = Field(
+        None, validation_alias=AliasChoices("DATABASE_URL", "database_url")
+    )
+    prefix: str = "promptcache"
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    migrations_dir: Path = Path(__file__).resolve().parent.parent / "migrations"
+
+    # web
+    web_host: str = "127.0.0.1"
+    web_port: int = 8750
+    public_url: str | None = None  # base of image_url/thumbnail_url; default http://web_host:web_port
+
+    # worker
+    batch_size: int = Field(32, ge=1, le=1000)
+    max_in_flight: int = Field(256, ge=1)
+    generation_concurrency: int = Field(4, ge=1)
+    block: Duration = timedelta(seconds=1)  # XREADGROUP BLOCK; must stay under the 5 s socket timeout
+    claim_idle: Duration = timedelta(seconds=60)  # XAUTOCLAIM min-idle; leases renewed at a third
+    max_deliveries: int = Field(5, ge=1)
+    done_ttl: Duration = timedelta(days=7)  # how long a request_id is remembered as answered
+    health_interval: Duration = timedelta(seconds=10)
+
+    # cache
+    ttl: Duration = timedelta(days=30)
+    storage_limit: ByteSize = ByteSize(10 * 1000**3)
+    thumbnail_size: int = 256
+    cache_timeout: Duration = timedelta(milliseconds=50)  # cache store: fail fast, then bypass
+
+    # janitor
+    janitor_interval: Duration = timedelta(seconds=30)
+    janitor_lock_ttl: Duration = timedelta(seconds=60)
+    results_retention: Duration = timedelta(days=1)
+
+    # generator
+    generator: GeneratorKind = "procedural"
+    generator_latency_ms: int = Field(2000, ge=0)
+    generator_url: str | None = None
+    generator_api_key: SecretStr | None = None
+    generator_model: str | None = None
+    generator_timeout: Duration = timedelta(seconds=300)
+    generator_max_retries: int = Field(4, ge=0)
+    generator_poll_interval: Duration = timedelta(seconds=1)
+    runpod_endpoint_id: str | None = None
+
+    # logs
+    log_level: str = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+    @property
+    def effective_cache_redis_url(self) -> str | None:
+        return self.cache_redis_url or self.redis_url
+
+    @property
+    def effective_public_url(self) -> str:
+        return (self.public_url or f"http://{self.web_host}:{self.web_port}").rstrip("/")
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def thumbnails_dir(self) -> Path:
+        return self.data_dir / "thumbnails"

@@ -1,0 +1,62 @@
+"""One error hierarchy, decided once per message in the worker.
+
+* PipelineError
+  + RequestRejected       the request itself is wrong        -> `rejected` result, ack
+  + GenerationFailed      the generator could not make it    -> `failed` result, ack
+    - GenerationRejected  the generator said no for good (400, moderation)
+    - GeneratorTimeout, GeneratorUnavailable (after the adapter's own retries)
+  + RetryableError        transient infrastructure trouble   -> leave pending, redelivered
+    - StorageUnavailable, CacheUnavailable
+Anything else is a bug: the message stays pending and, past the delivery limit, is dead-lettered.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.code
+
+
+class RequestRejected(PipelineError):
+    code = "invalid_request"
+
+
+class GenerationFailed(PipelineError):
+    code = "generator_failed"
+
+
+class GenerationRejected(GenerationFailed):
+    code = "generator_rejected"
+
+
+class GeneratorTimeout(GenerationFailed):
+    code = "generator_timeout"
+
+
+class GeneratorUnavailable(GenerationFailed):
+    code = "generator_unavailable"
+
+
+class RetryableError(PipelineError):
+    code = "retryable"
+
+
+class StorageUnavailable(RetryableError):
+    code = "storage_unavailable"
+
+
+class CacheUnavailable(RetryableError):
+    code = "cache_unavailable"
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong: reported at start, before any message is read."""

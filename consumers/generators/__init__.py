@@ -1,0 +1,30 @@
+"""Image generators behind one interface, chosen by PROMPTCACHE_GENERATOR."""
+
+from __future__ import annotations
+
+from consumers.config import Settings
+from consumers.errors import ConfigError
+from consumers.generators.base import GeneratedImage, GenerationRequest, Generator
+
+__all__ = ["GeneratedImage", "GenerationRequest", "Generator", "build_generator"]
+
+
+def build_generator(settings: Settings) -> Generator:
+    kind = settings.generator
+    if kind == "procedural":
+        from consumers.generators.procedural import ProceduralGenerator
+
+        return ProceduralGenerator(latency_ms=settings.generator_latency_ms)
+    if kind == "runpod":
+        from consumers.generators.runpod import RunPodGenerator
+
+        return RunPodGenerator.from_settings(settings)
+    if kind == "openai":
+        from consumers.generators.openai_images import OpenAIImagesGenerator
+
+        return OpenAIImagesGenerator.from_settings(settings)
+    if kind == "automatic1111":
+        from consumers.generators.automatic1111 import Automatic1111Generator
+
+        return Automatic1111Generator.from_settings(settings)
+    raise ConfigError(f"unknown PROMPTCACHE_GENERATOR {kind!r}")

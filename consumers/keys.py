@@ -1,0 +1,51 @@
+"""Every Redis name, built in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REQUESTS_GROUP = "workers"
+PERSISTER_GROUP = "persister"
+JANITOR_GROUP = "janitor"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "promptcache"
+
+    @property
+    def requests(self) -> str:
+        return f"{self.prefix}:requests"
+
+    @property
+    def results(self) -> str:
+        return f"{self.prefix}:results"
+
+    @property
+    def dead_letter(self) -> str:
+        return f"{self.prefix}:dead-letter"
+
+    @property
+    def changes(self) -> str:
+        return f"{self.prefix}:changes"
+
+    def done(self, request_id: str) -> str:
+        return f"{self.prefix}:done:{request_id}"
+
+    def exact(self, cache_key: str) -> str:
+        return f"{self.prefix}:cache:exact:{cache_key}"
+
+    def health(self, consumer: str) -> str:
+        return f"{self.prefix}:health:{consumer}"
+
+    @property
+    def janitor_lock(self) -> str:
+        return f"{self.prefix}:janitor:lock"
+
+    @property
+    def stored_bytes(self) -> str:
+        return f"{self.prefix}:stats:stored-bytes"
+
+    @property
+    def counters(self) -> str:
+        return f"{self.prefix}:stats:counters"

@@ -1,0 +1,128 @@
+"""One request, start to finish: canonicalise -> exact tier -> generate -> store -> outcome.
+
+Knows the cache tiers, the generator and the stores; knows nothing of stream ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from consumers.cache.exact import CacheEntry, ExactCache
+from consumers.errors import CacheUnavailable, RequestRejected
+from consumers.generators.base import GenerationRequest, Generator
+from consumers.prompts import (
+    OPTIMIZER_VERSION,
+    cache_key,
+    canonical_prompt,
+    clean_prompt,
+    normalize_params,
+)
+from consumers.storage.blobs import BlobStore
+from consumers.thumbnails import make_thumbnail
+from schemas.events import CacheStatus, ChangeEvent, Request, Result
+
+log = structlog.get_logger(__name__)
+
+
+def new_entry_id() -> str:
+    return f"e_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    result: Result
+    changes: list[ChangeEvent] = field(default_factory=list)
+
+
+class Pipeline:
+    def __init__(self, *, generator: Generator, exact: ExactCache | None, blobs: BlobStore,
+                 public_url: str, generation_concurrency: int, thumbnail_size: int = 256) -> None:
+        self.generator = generator
+        self.exact = exact
+        self.blobs = blobs
+        self.public_url = public_url.rstrip("/")
+        self.thumbnail_size = thumbnail_size
+        self._generation_slots = asyncio.Semaphore(generation_concurrency)
+
+    def _urls(self, blob_sha256: str, content_type: str) -> tuple[str, str]:
+        ext = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}[content_type]
+        return (f"{self.public_url}/images/{blob_sha256}.{ext}",
+                f"{self.public_url}/thumbnails/{blob_sha256}.webp")
+
+    async def process(self, request: Request) -> Outcome:
+        params = normalize_params(request.params, default_model=self.generator.default_model)
+        canonical = canonical_prompt(request.prompt)
+        if not canonical:
+            raise RequestRejected("the prompt is empty after standardisation")
+        prompt_used = clean_prompt(request.prompt) if request.options.optimize else request.prompt
+        negative = clean_prompt(request.negative_prompt) if request.negative_prompt else None
+        key = cache_key(canonical, canonical_prompt(negative) if negative else None, params)
+        mode = request.options.cache
+        cache_usable = self.exact is not None
+
+        if mode == "use" and self.exact is not None:
+            try:
+                entry = await self.exact.get(key)
+            except CacheUnavailable as exc:
+                log.warning("cache_unavailable", error=str(exc))
+                entry, cache_usable = None, False
+            if entry is not None:
+                if await asyncio.to_thread(self.blobs.exists, entry.blob_sha256, entry.content_type):
+                    return self._hit(request, entry, "exact")
+                log.warning("cache_entry_without_blob", entry_id=entry.entry_id)
+
+        started = time.monotonic()
+        async with self._generation_slots:
+            image = await self.generator.generate(GenerationRequest(
+                prompt=prompt_used, negative_prompt=negative, model=params.model,
+                width=params.width, height=params.height, steps=params.steps,
+                guidance=params.guidance, sampler=params.sampler, seed=params.seed))
+        generation_ms = (time.monotonic() - started) * 1000
+        thumbnail = await asyncio.to_thread(make_thumbnail, image.data, self.thumbnail_size)
+        blob = await asyncio.to_thread(self.blobs.put, image.data, image.content_type, thumbnail)
+
+        entry = CacheEntry(entry_id=new_entry_id(), blob_sha256=blob.sha256,
+                           content_type=image.content_type, width=image.width,
+                           height=image.height, prompt_used=prompt_used,
+                           canonical_prompt=canonical, optimizer_version=OPTIMIZER_VERSION,
+                           created_at=time.time())
+        status: CacheStatus = "miss"
+        if mode == "bypass" or not cache_usable:
+            status = "bypass"
+        elif self.exact is not None:
+            try:
+                await self.exact.put(key, entry)
+            except CacheUnavailable as exc:
+                log.warning("cache_unavailable", error=str(exc))
+                status = "bypass"
+        image_url, thumbnail_url = self._urls(blob.sha256, image.content_type)
+        stored = ChangeEvent(
+            type="entry_stored", entry_id=entry.entry_id, at=entry.created_at, cache_key=key,
+            tier=status, request_id=request.request_id, prompt=request.prompt,
+            canonical_prompt=canonical, negative_prompt=negative, params=params.as_dict(),
+            optimizer_version=OPTIMIZER_VERSION, generator=self.generator.name,
+            blob_sha256=blob.sha256, content_type=image.content_type, width=image.width,
+            height=image.height, image_bytes=blob.image_bytes,
+            thumbnail_bytes=blob.thumbnail_bytes, generation_ms=generation_ms)
+        result = Result(request_id=request.request_id, status="ok", cache=status,
+                        entry_id=entry.entry_id, image_url=image_url,
+                        thumbnail_url=thumbnail_url, width=image.width, height=image.height,
+                        content_type=image.content_type, prompt_used=prompt_used,
+                        optimizer_version=OPTIMIZER_VERSION)
+        return Outcome(result, [stored])
+
+    def _hit(self, request: Request, entry: CacheEntry, tier: CacheStatus) -> Outcome:
+        image_url, thumbnail_url = self._urls(entry.blob_sha256, entry.content_type)
+        result = Result(request_id=request.request_id, status="ok", cache=tier,
+                        entry_id=entry.entry_id, image_url=image_url,
+                        thumbnail_url=thumbnail_url, width=entry.width, height=entry.height,
+                        content_type=entry.content_type, prompt_used=entry.prompt_used,
+                        optimizer_version=entry.optimizer_version)
+        hit = ChangeEvent(type="entry_hit", entry_id=entry.entry_id, at=time.time(), tier=tier,
+                          request_id=request.request_id)
+        return Outcome(result, [hit])

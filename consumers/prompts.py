@@ -1,0 +1,117 @@
+"""Prompt canonicalisation and the exact-tier cache key. Pure functions, no I/O.
+
+`canonical_prompt` is what two prompts must share to be "the same prompt": Unicode NFKC, one space
+between words, lower case (except inside quotes, where the words may be drawn as text), and
+punctuation that does not change the picture (repeated marks, spacing around commas, a trailing
+full stop, typographic quotes and dashes) made uniform. Weighting syntax such as `(word:1.2)` and
+`[word]` is kept: it changes the picture.
+
+`clean_prompt` is what the generator is sent: the same clean-up without changing case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from dataclasses import asdict, dataclass
+
+from schemas.events import Params
+
+# Bumped whenever a rule here changes what a prompt turns into; part of every cache key.
+OPTIMIZER_VERSION = "1"
+KEY_SCHEMA = "k1"
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u2028-\u202e\u2060\ufeff]")
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"',
+                         "\u2013": "-", "\u2014": "-", "\u00b4": "'", "`": "'"})
+_WS = re.compile(r"\s+")
+_REPEATED = re.compile(r"([!?.,;:])\1+")  # "!!!" -> "!", ",," -> ","
+_SPACE_BEFORE = re.compile(r"\s+([,.;:!?])")  # "fox , snow" -> "fox, snow"
+_SPACE_AFTER = re.compile(r"([,;])(?=[^\s\d])")  # "fox,snow" -> "fox, snow"
+_EMPTY_TAGS = re.compile(r"(,\s*){2,}")  # "a, , b" -> "a, b"
+_EDGE = re.compile(r"^[\s,;.]+|[\s,;]+$")
+_TRAILING_STOP = re.compile(r"(?<!\d)[.!]+$")  # a final "." or "!" (not "1.")
+_QUOTED = re.compile(r"(\"[^\"]*\"|'[^']*'(?!\w))")
+
+
+def clean_prompt(text: str) -> str:
+    """Whitespace, control characters, typographic punctuation; case untouched."""
+    text = unicodedata.normalize("NFKC", text)
+    text = _CONTROL.sub(" ", text).translate(_QUOTES)
+    text = _WS.sub(" ", text)
+    text = _REPEATED.sub(r"\1", text)
+    text = _SPACE_BEFORE.sub(r"\1", text)
+    text = _SPACE_AFTER.sub(r"\1 ", text)
+    text = _EMPTY_TAGS.sub(", ", text)
+    text = _EDGE.sub("", text)
+    return text
+
+
+def _lower_outside_quotes(text: str) -> str:
+    parts = _QUOTED.split(text)
+    return "".join(part if i % 2 else part.lower() for i, part in enumerate(parts))
+
+
+def canonical_prompt(text: str) -> str:
+    text = _lower_outside_quotes(clean_prompt(text))
+    return _TRAILING_STOP.sub("", text).strip()
+
+
+_SAMPLER_ALIASES = {
+    "euler a": "euler_a", "euler ancestral": "euler_a", "euler_ancestral": "euler_a",
+    "k_euler": "euler", "k_euler_a": "euler_a", "dpm++ 2m karras": "dpmpp_2m_karras",
+    "dpm++ 2m": "dpmpp_2m", "dpmpp 2m": "dpmpp_2m", "ddim": "ddim",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NormalizedParams:
+    """Params with every default filled in: equal values mean the same picture."""
+
+    model: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    sampler: str
+    seed: int | None
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+DEFAULT_WIDTH = 1024
+DEFAULT_HEIGHT = 1024
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 7.0
+DEFAULT_SAMPLER = "euler"
+
+
+def normalize_params(params: Params, *, default_model: str) -> NormalizedParams:
+    sampler = _WS.sub(" ", (params.sampler or DEFAULT_SAMPLER).strip().lower())
+    return NormalizedParams(
+        model=(params.model or default_model).strip().lower(),
+        width=params.width or DEFAULT_WIDTH,
+        height=params.height or DEFAULT_HEIGHT,
+        steps=params.steps or DEFAULT_STEPS,
+        guidance=round(params.guidance if params.guidance is not None else DEFAULT_GUIDANCE, 2),
+        sampler=_SAMPLER_ALIASES.get(sampler, sampler.replace(" ", "_")),
+        seed=params.seed,
+    )
+
+
+def cache_key(
+    canonical: str,
+    negative_canonical: str | None,
+    params: NormalizedParams,
+    optimizer_version: str = OPTIMIZER_VERSION,
+) -> str:
+    """sha256 over everything that changes the picture."""
+    material = json.dumps(
+        {"v": KEY_SCHEMA, "prompt": canonical, "negative": negative_canonical or "",
+         "params": params.as_dict(), "optimizer": optimizer_version},
+        sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+    )
+    return hashlib.sha256(material.encode()).hexdigest()

@@ -1,0 +1,130 @@
+"""Building the parts from Settings, and running one process until a signal stops it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+
+import redis.asyncio as aioredis
+import structlog
+
+from consumers.cache.exact import ExactCache
+from consumers.config import Settings
+from consumers.errors import ConfigError
+from consumers.generators import build_generator
+from consumers.janitor import Janitor
+from consumers.keys import Keys
+from consumers.persister import Persister
+from consumers.pipeline import Pipeline
+from consumers.storage.blobs import BlobStore
+from consumers.storage.db import MetadataStore
+from consumers.worker import Worker, consumer_name
+
+log = structlog.get_logger(__name__)
+
+
+def require_redis_url(settings: Settings) -> str:
+    if not settings.redis_url:
+        raise ConfigError("REDIS_URL is not set (or run `promptcache up`, which starts an "
+                          "embedded server when it is unset)")
+    return settings.redis_url
+
+
+def streams_client(url: str) -> aioredis.Redis:
+    # BLOCK (<= 2 s) stays well under the 5 s socket timeout.
+    return aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3,
+                                   health_check_interval=15)
+
+
+def cache_client(url: str, settings: Settings) -> aioredis.Redis:
+    """The cache store fails fast: a slow or absent server means bypass, not a stalled worker."""
+    timeout = max(settings.cache_timeout.total_seconds(), 0.005)
+    return aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                   retry_on_timeout=False)
+
+
+def blob_store(settings: Settings) -> BlobStore:
+    return BlobStore(settings.images_dir, settings.thumbnails_dir)
+
+
+async def run_worker(settings: Settings, *, burst: bool = False,
+                     consumer: str | None = None) -> Worker:
+    """Worker (+ persister when DATABASE_URL is set) until SIGTERM/SIGINT or, in burst, idle."""
+    keys = Keys(settings.prefix)
+    consumer = consumer or consumer_name()
+    async with AsyncExitStack() as stack:
+        redis = streams_client(require_redis_url(settings))
+        stack.push_async_callback(redis.aclose)
+        cache_url = settings.effective_cache_redis_url
+        cache_redis = redis if cache_url == settings.redis_url else cache_client(cache_url or "",
+                                                                                  settings)
+        if cache_redis is not redis:
+            stack.push_async_callback(cache_redis.aclose)
+        generator = build_generator(settings)
+        stack.push_async_callback(generator.aclose)
+        pipeline = Pipeline(generator=generator,
+                            exact=ExactCache(cache_redis, keys, settings.ttl),
+                            blobs=blob_store(settings), public_url=settings.effective_public_url,
+                            generation_concurrency=settings.generation_concurrency,
+                            thumbnail_size=settings.thumbnail_size)
+        worker = Worker(redis=redis, keys=keys, pipeline=pipeline, consumer=consumer,
+                        batch_size=settings.batch_size, max_in_flight=settings.max_in_flight,
+                        claim_idle=settings.claim_idle, block=settings.block,
+                        max_deliveries=settings.max_deliveries, done_ttl=settings.done_ttl,
+                        health_interval=settings.health_interval)
+        loops: list[tuple[Callable[[], None], Callable[..., Awaitable[None]]]] = [
+            (worker.stop, worker.run)]
+        if settings.database_url:
+            store = MetadataStore(settings.database_url)
+            stack.push_async_callback(store.aclose)
+            persister = Persister(redis=redis, keys=keys, store=store, consumer=consumer,
+                                  claim_idle=settings.claim_idle, block=settings.block)
+            loops.append((persister.stop, persister.run))
+        else:
+            log.warning("no_database_url", detail="metadata is not persisted to PostgreSQL")
+        await run_until_signal(loops, burst=burst)
+        return worker
+    raise AssertionError("unreachable")
+
+
+async def run_janitor(settings: Settings, *, burst: bool = False) -> Janitor:
+    redis = streams_client(require_redis_url(settings))
+    try:
+        janitor = Janitor(redis=redis, keys=Keys(settings.prefix), consumer=consumer_name(),
+                          interval=settings.janitor_interval, lock_ttl=settings.janitor_lock_ttl,
+                          results_retention=settings.results_retention, block=settings.block)
+        await run_until_signal([(janitor.stop, janitor.run)], burst=burst)
+        return janitor
+    finally:
+        await redis.aclose()
+
+
+async def run_until_signal(loops: list[tuple[Callable[[], None], Callable[..., Awaitable[None]]]],
+                           *, burst: bool = False) -> None:
+    """Run loops together; SIGTERM/SIGINT calls every stop(); the first to fail stops the rest."""
+    loop = asyncio.get_running_loop()
+
+    def stop_all() -> None:
+        log.info("stop_requested")
+        for stop, _ in loops:
+            stop()
+
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop_all)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            pass
+    tasks = [asyncio.create_task(run(burst=burst)) for _, run in loops]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                stop_all()
+        await asyncio.gather(*tasks)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,1 @@
+"""Where images and their metadata live: blob files, PostgreSQL, migrations."""

@@ -1,0 +1,110 @@
+"""PostgreSQL access: idempotent writes of the change stream, and the reads the CLI needs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from schemas.events import ChangeEvent
+
+
+def _ts(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, tz=UTC)
+
+
+_UPSERT_ENTRY = """
+INSERT INTO cache_entries (entry_id, cache_key, prompt, canonical_prompt, negative_prompt, params,
+    optimizer_version, generator, blob_sha256, content_type, width, height, image_bytes,
+    thumbnail_bytes, generation_ms, created_at, last_used_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (entry_id) DO NOTHING
+"""
+_INSERT_HIT = """
+INSERT INTO cache_hits (entry_id, request_id, tier, latency_ms, at) VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (entry_id, request_id) DO NOTHING
+"""
+_TOUCH = """
+UPDATE cache_entries SET last_used_at = GREATEST(last_used_at, %s), hit_count = hit_count + %s
+WHERE entry_id = %s
+"""
+
+
+class MetadataStore:
+    """One async connection, opened lazily and reopened after a failure."""
+
+    def __init__(self, database_url: str, connect_timeout: float = 5.0) -> None:
+        self.database_url = database_url
+        self.connect_timeout = connect_timeout
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self.database_url, connect_timeout=int(self.connect_timeout), autocommit=False
+            )
+        return self._conn
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def apply_changes(self, events: Sequence[ChangeEvent]) -> None:
+        """Write a batch in one transaction. Idempotent: a batch may be delivered twice."""
+        conn = await self._connection()
+        try:
+            async with conn.transaction(), conn.cursor() as cur:
+                stored = [e for e in events if e.type == "entry_stored"]
+                if stored:
+                    await cur.executemany(_UPSERT_ENTRY, [
+                        (e.entry_id, e.cache_key, e.prompt, e.canonical_prompt, e.negative_prompt,
+                         json.dumps(e.params or {}), e.optimizer_version, e.generator,
+                         e.blob_sha256, e.content_type, e.width, e.height, e.image_bytes,
+                         e.thumbnail_bytes, e.generation_ms, _ts(e.at), _ts(e.at))
+                        for e in stored
+                    ])
+                hits = [e for e in events if e.type == "entry_hit" and e.request_id]
+                for e in hits:
+                    await cur.execute(_INSERT_HIT, (e.entry_id, e.request_id, e.tier,
+                                                    e.latency_ms, _ts(e.at)))
+                    if cur.rowcount:
+                        await cur.execute(_TOUCH, (_ts(e.at), 1, e.entry_id))
+                evicted = [e.entry_id for e in events if e.type == "entry_evicted"]
+                if evicted:
+                    await cur.execute("DELETE FROM cache_entries WHERE entry_id = ANY(%s)",
+                                      (evicted,))
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def entry(self, entry_id: str) -> dict[str, Any] | None:
+        conn = await self._connection()
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute("SELECT * FROM cache_entries WHERE entry_id = %s", (entry_id,))
+            row = await cur.fetchone()
+        await conn.rollback()
+        return row
+
+    async def summary(self) -> dict[str, Any]:
+        conn = await self._connection()
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                "SELECT count(*) AS entries, coalesce(sum(image_bytes + thumbnail_bytes), 0)"
+                " AS bytes, coalesce(sum(hit_count), 0) AS hits,"
+                " coalesce(sum(generation_ms * hit_count), 0) / 1000.0 AS generator_seconds_saved"
+                " FROM cache_entries"
+            )
+            totals = dict(await cur.fetchone() or {})
+            await cur.execute(
+                "SELECT tier, count(*) AS hits, percentile_cont(0.5) WITHIN GROUP"
+                " (ORDER BY latency_ms) AS p50_ms, percentile_cont(0.99) WITHIN GROUP"
+                " (ORDER BY latency_ms) AS p99_ms FROM cache_hits GROUP BY tier ORDER BY tier"
+            )
+            totals["by_tier"] = [dict(r) for r in await cur.fetchall()]
+        await conn.rollback()
+        return totals

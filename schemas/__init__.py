@@ -1,0 +1,25 @@
+"""Wire contracts of promptcache (CONTRACT.md). Imports only pydantic."""
+
+from schemas.events import (
+    CacheStatus,
+    ChangeEvent,
+    DeadLetter,
+    ErrorInfo,
+    Options,
+    Params,
+    Request,
+    Result,
+    Status,
+)
+
+__all__ = [
+    "CacheStatus",
+    "ChangeEvent",
+    "DeadLetter",
+    "ErrorInfo",
+    "Options",
+    "Params",
+    "Request",
+    "Result",
+    "Status",
+]

@@ -1,0 +1,152 @@
+"""Pydantic v2 models of every event on the wire.
+
+Each stream entry has one field, `data`, holding `model.model_dump_json()`. The JSON Schema files
+in `schemas/json/` are generated from these models (`python -m schemas.generate`) and a test fails
+when they drift.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    field_validator,
+    model_serializer,
+)
+
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+STREAM_NAME_PATTERN = r"^[A-Za-z0-9._:{}-]{1,200}$"
+MAX_PROMPT_CHARS = 4000
+
+RequestId = Annotated[str, StringConstraints(pattern=REQUEST_ID_PATTERN)]
+Status = Literal["ok", "rejected", "failed"]
+CacheStatus = Literal["exact", "semantic", "miss", "coalesced", "bypass"]
+
+
+class Params(BaseModel):
+    """Every field that changes the picture. Unset fields take the generator's defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(None, min_length=1, max_length=200)
+    width: int | None = Field(None, ge=64, le=4096, multiple_of=8)
+    height: int | None = Field(None, ge=64, le=4096, multiple_of=8)
+    steps: int | None = Field(None, ge=1, le=500)
+    guidance: float | None = Field(None, ge=0.0, le=50.0)
+    sampler: str | None = Field(None, min_length=1, max_length=100)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    optimize: bool = True
+    cache: Literal["use", "refresh", "bypass"] = "use"
+
+
+class Request(BaseModel):
+    """An entry of `promptcache:requests`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_id: RequestId
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    params: Params = Field(default_factory=Params)
+    options: Options = Field(default_factory=Options)
+    reply_to: Annotated[str, StringConstraints(pattern=STREAM_NAME_PATTERN)] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is empty after trimming")
+        return value
+
+
+class ErrorInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    code: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")]
+    message: str
+
+
+class Result(BaseModel):
+    """An entry of `promptcache:results` (or the request's `reply_to`).
+
+    Optional fields are left out when unset, except `error`, which is always present (null on ok).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    request_id: str
+    status: Status
+    cache: CacheStatus | None = None
+    similarity: float | None = None
+    matched_prompt: str | None = None
+    entry_id: str | None = None
+    image_url: str | None = None
+    thumbnail_url: str | None = None
+    width: int | None = None
+    height: int | None = None
+    content_type: str | None = None
+    prompt_used: str | None = None
+    optimizer_version: str | None = None
+    latency_ms: float | None = None
+    error: ErrorInfo | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        data = handler(self)
+        if info.mode == "json" or info.mode == "python":
+            data = {k: v for k, v in data.items() if v is not None or k == "error"}
+        return data
+
+
+class DeadLetter(BaseModel):
+    """An entry of `promptcache:dead-letter`: what could not be answered with a result."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stream: str
+    message_id: str
+    entry: dict[str, str]
+    error: ErrorInfo
+    delivery_count: int
+    consumer: str
+    request_id: str | None = None
+    dead_lettered_at: float
+
+
+class ChangeEvent(BaseModel):
+    """An entry of `promptcache:changes`: what happened to the cache, for persisters and janitors."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: Literal["entry_stored", "entry_hit", "entry_evicted"]
+    entry_id: str
+    at: float
+    cache_key: str | None = None
+    tier: CacheStatus | None = None
+    request_id: str | None = None
+    prompt: str | None = None
+    canonical_prompt: str | None = None
+    negative_prompt: str | None = None
+    params: dict[str, Any] | None = None
+    optimizer_version: str | None = None
+    generator: str | None = None
+    blob_sha256: str | None = None
+    content_type: str | None = None
+    width: int | None = None
+    height: int | None = None
+    image_bytes: int | None = None
+    thumbnail_bytes: int | None = None
+    generation_ms: float | None = None
+    latency_ms: float | None = None
+    reason: str | None = None
