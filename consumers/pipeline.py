@@ -17,6 +17,7 @@ from consumers.errors import CacheUnavailable, RequestRejected
 from consumers.generators.base import GenerationRequest, Generator
 from consumers.prompts import (
     OPTIMIZER_VERSION,
+    NormalizedParams,
     cache_key,
     canonical_prompt,
     clean_prompt,
@@ -48,6 +49,9 @@ class Pipeline:
         self.public_url = public_url.rstrip("/")
         self.thumbnail_size = thumbnail_size
         self._generation_slots = asyncio.Semaphore(generation_concurrency)
+        # In-process single flight: identical misses in this worker wait for one generation.
+        # (Across workers, a Redis lock does the same: the reliability issue.)
+        self._in_flight: dict[str, asyncio.Future[CacheEntry]] = {}
 
     def _urls(self, blob_sha256: str, content_type: str) -> tuple[str, str]:
         ext = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}[content_type]
@@ -76,6 +80,36 @@ class Pipeline:
                     return self._hit(request, entry, "exact")
                 log.warning("cache_entry_without_blob", entry_id=entry.entry_id)
 
+        if mode == "use" and (leader := self._in_flight.get(key)) is not None:
+            try:
+                entry = await asyncio.shield(leader)
+            except Exception:  # noqa: BLE001 - the leader failed: try ourselves
+                entry = None
+            if entry is not None:
+                return self._hit(request, entry, "coalesced")
+        future: asyncio.Future[CacheEntry] | None = None
+        if mode == "use" and key not in self._in_flight:
+            future = asyncio.get_running_loop().create_future()
+            self._in_flight[key] = future
+        try:
+            outcome = await self._generate_and_store(request, key, canonical, prompt_used,
+                                                     negative, params, mode, cache_usable)
+        except BaseException as exc:
+            if future is not None:
+                self._in_flight.pop(key, None)
+                future.set_exception(exc if isinstance(exc, Exception) else
+                                     RuntimeError("cancelled"))
+                future.exception()  # retrieved: no "never retrieved" warning
+            raise
+        if future is not None:
+            self._in_flight.pop(key, None)
+            future.set_result(outcome[1])
+        return outcome[0]
+
+    async def _generate_and_store(self, request: Request, key: str, canonical: str,
+                                  prompt_used: str, negative: str | None,
+                                  params: NormalizedParams, mode: str,
+                                  cache_usable: bool) -> tuple[Outcome, CacheEntry]:
         started = time.monotonic()
         async with self._generation_slots:
             image = await self.generator.generate(GenerationRequest(
@@ -114,7 +148,7 @@ class Pipeline:
                         thumbnail_url=thumbnail_url, width=image.width, height=image.height,
                         content_type=image.content_type, prompt_used=prompt_used,
                         optimizer_version=OPTIMIZER_VERSION)
-        return Outcome(result, [stored])
+        return Outcome(result, [stored]), entry
 
     def _hit(self, request: Request, entry: CacheEntry, tier: CacheStatus) -> Outcome:
         image_url, thumbnail_url = self._urls(entry.blob_sha256, entry.content_type)

@@ -13,7 +13,7 @@ import structlog
 from consumers.cache.exact import ExactCache
 from consumers.config import Settings
 from consumers.errors import ConfigError
-from consumers.generators import build_generator
+from consumers.generators import Generator, build_generator
 from consumers.janitor import Janitor
 from consumers.keys import Keys
 from consumers.persister import Persister
@@ -49,6 +49,21 @@ def blob_store(settings: Settings) -> BlobStore:
     return BlobStore(settings.images_dir, settings.thumbnails_dir)
 
 
+def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aioredis.Redis | None,
+                 generator: Generator, consumer: str | None = None) -> Worker:
+    keys = Keys(settings.prefix)
+    pipeline = Pipeline(generator=generator,
+                        exact=ExactCache(cache_redis, keys, settings.ttl) if cache_redis else None,
+                        blobs=blob_store(settings), public_url=settings.effective_public_url,
+                        generation_concurrency=settings.generation_concurrency,
+                        thumbnail_size=settings.thumbnail_size)
+    return Worker(redis=redis, keys=keys, pipeline=pipeline, consumer=consumer,
+                  batch_size=settings.batch_size, max_in_flight=settings.max_in_flight,
+                  claim_idle=settings.claim_idle, block=settings.block,
+                  max_deliveries=settings.max_deliveries, done_ttl=settings.done_ttl,
+                  health_interval=settings.health_interval)
+
+
 async def run_worker(settings: Settings, *, burst: bool = False,
                      consumer: str | None = None) -> Worker:
     """Worker (+ persister when DATABASE_URL is set) until SIGTERM/SIGINT or, in burst, idle."""
@@ -64,16 +79,8 @@ async def run_worker(settings: Settings, *, burst: bool = False,
             stack.push_async_callback(cache_redis.aclose)
         generator = build_generator(settings)
         stack.push_async_callback(generator.aclose)
-        pipeline = Pipeline(generator=generator,
-                            exact=ExactCache(cache_redis, keys, settings.ttl),
-                            blobs=blob_store(settings), public_url=settings.effective_public_url,
-                            generation_concurrency=settings.generation_concurrency,
-                            thumbnail_size=settings.thumbnail_size)
-        worker = Worker(redis=redis, keys=keys, pipeline=pipeline, consumer=consumer,
-                        batch_size=settings.batch_size, max_in_flight=settings.max_in_flight,
-                        claim_idle=settings.claim_idle, block=settings.block,
-                        max_deliveries=settings.max_deliveries, done_ttl=settings.done_ttl,
-                        health_interval=settings.health_interval)
+        worker = build_worker(settings, redis=redis, cache_redis=cache_redis,
+                              generator=generator, consumer=consumer)
         loops: list[tuple[Callable[[], None], Callable[..., Awaitable[None]]]] = [
             (worker.stop, worker.run)]
         if settings.database_url:

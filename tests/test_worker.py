@@ -1,0 +1,274 @@
+"""The worker against real Redis: tiers, idempotency, claiming, leases, errors, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from consumers.keys import REQUESTS_GROUP, Keys
+from consumers.streams import ensure_group
+from tests.conftest import make_settings, wait_until
+from tests.helpers import (
+    REFUSED,
+    CountingGenerator,
+    dead_letters,
+    results,
+    results_for,
+    running,
+    send,
+    worker_for,
+)
+
+
+async def test_miss_then_exact_hit_for_the_same_prompt_retyped(redis, keys, settings):
+    gen = CountingGenerator()
+    await send(redis, keys.requests, request_id="r1", prompt="A red fox in the snow, golden hour")
+    await worker_for(settings, redis, gen).run(burst=True)
+    await send(redis, keys.requests, request_id="r2", prompt="  a RED fox in the  snow , golden hour.")
+    await worker_for(settings, redis, gen).run(burst=True)
+
+    first, second = await results_for(redis, keys.results, "r1"), await results_for(
+        redis, keys.results, "r2")
+    assert [r.cache for r in first] == ["miss"] and [r.cache for r in second] == ["exact"]
+    assert len(gen.calls) == 1
+    assert first[0].entry_id == second[0].entry_id and first[0].image_url == second[0].image_url
+    assert first[0].optimizer_version and first[0].prompt_used == "A red fox in the snow, golden hour"
+    # the URL names a real file and thumbnail in the store
+    name = first[0].image_url.rsplit("/", 1)[1]
+    sha = name.split(".")[0]
+    assert (settings.images_dir / sha[:2] / sha[2:4] / name).stat().st_size > 1000
+    assert (settings.thumbnails_dir / sha[:2] / sha[2:4] / f"{sha}.webp").exists()
+    pending = await redis.xpending(keys.requests, REQUESTS_GROUP)
+    assert pending["pending"] == 0
+
+
+async def test_different_params_seed_or_negative_prompt_are_different_entries(redis, keys, settings):
+    gen = CountingGenerator()
+    base = {"prompt": "a lighthouse at dusk"}
+    await send(redis, keys.requests, request_id="a", **base)
+    await send(redis, keys.requests, request_id="b", **base, params={"seed": 7})
+    await send(redis, keys.requests, request_id="c", **base, params={"width": 512})
+    await send(redis, keys.requests, request_id="d", **base, negative_prompt="fog")
+    await worker_for(settings, redis, gen).run(burst=True)
+    await send(redis, keys.requests, request_id="e", **base,
+               params={"width": 1024, "height": 1024, "steps": 30, "guidance": 7,
+                       "sampler": "Euler"})  # the defaults, spelt out: same entry as "a"
+    await worker_for(settings, redis, gen).run(burst=True)
+    by_id = {r.request_id: r for r in await results(redis, keys.results)}
+    assert [by_id[i].cache for i in "abcd"] == ["miss"] * 4
+    assert by_id["e"].cache == "exact" and by_id["e"].entry_id == by_id["a"].entry_id
+    assert by_id["c"].width == 512
+    assert len(gen.calls) == 4
+
+
+async def test_identical_misses_in_one_worker_share_one_generation(redis, keys, settings):
+    gen = CountingGenerator(latency_ms=300)
+    for i in range(5):
+        await send(redis, keys.requests, request_id=f"c{i}", prompt="a crowd asking at once")
+    await worker_for(settings, redis, gen).run(burst=True)
+    got = sorted(r.cache for r in await results(redis, keys.results))
+    assert got == ["coalesced"] * 4 + ["miss"] and len(gen.calls) == 1
+    assert len({r.entry_id for r in await results(redis, keys.results)}) == 1
+
+
+async def test_resubmitted_and_redelivered_request_ids_get_exactly_one_result(redis, keys, settings):
+    gen = CountingGenerator()
+    for _ in range(3):
+        await send(redis, keys.requests, request_id="same", prompt="a teapot")
+    await worker_for(settings, redis, gen).run(burst=True)
+    await send(redis, keys.requests, request_id="same", prompt="a teapot")  # much later
+    await worker_for(settings, redis, gen).run(burst=True)
+    assert len(await results_for(redis, keys.results, "same")) == 1
+    assert (await redis.xpending(keys.requests, REQUESTS_GROUP))["pending"] == 0
+
+
+async def test_concurrent_duplicates_on_two_workers_publish_one_result(redis, keys, settings):
+    gen = CountingGenerator(latency_ms=200)
+    for _ in range(6):
+        await send(redis, keys.requests, request_id="dup", prompt="two workers, one answer")
+    settings_one = settings.model_copy(update={"batch_size": 1})
+    w1 = worker_for(settings_one, redis, gen, consumer="w1")
+    w2 = worker_for(settings_one, redis, gen, consumer="w2")
+    await asyncio.gather(w1.run(burst=True), w2.run(burst=True))
+    assert len(await results_for(redis, keys.results, "dup")) == 1
+    assert (await redis.xpending(keys.requests, REQUESTS_GROUP))["pending"] == 0
+
+
+async def test_pending_entries_of_a_dead_consumer_are_taken_over(redis, keys, tmp_path, redis_url):
+    settings = make_settings(tmp_path, redis_url, keys, claim_idle="300ms")
+    await ensure_group(redis, keys.requests, REQUESTS_GROUP)
+    await send(redis, keys.requests, request_id="orphan", prompt="left behind")
+    # a consumer reads it and dies without acking
+    taken = await redis.xreadgroup(REQUESTS_GROUP, "dead#1", {keys.requests: ">"}, count=10)
+    assert len(taken[0][1]) == 1
+    await asyncio.sleep(0.4)
+    gen = CountingGenerator()
+    await worker_for(settings, redis, gen, consumer="alive").run(burst=True)
+    [result] = await results_for(redis, keys.results, "orphan")
+    assert result.status == "ok" and result.cache == "miss"
+    assert (await redis.xpending(keys.requests, REQUESTS_GROUP))["pending"] == 0
+
+
+async def test_long_generation_renews_its_lease_and_is_not_stolen(redis, keys, tmp_path, redis_url):
+    settings = make_settings(tmp_path, redis_url, keys, claim_idle="300ms")
+    slow = CountingGenerator(latency_ms=1500)
+    thief_gen = CountingGenerator()
+    await send(redis, keys.requests, request_id="long", prompt="a very slow painting")
+    owner = worker_for(settings, redis, slow, consumer="owner")
+    thief = worker_for(settings, redis, thief_gen, consumer="thief")
+    async with running(owner):
+        await wait_until(lambda: _has_pending(redis, keys, "owner"))
+        async with running(thief):
+            await wait_until(lambda: _result_count(redis, keys, "long"), timeout=10)
+            await asyncio.sleep(0.5)
+    assert thief_gen.calls == [] and len(slow.calls) == 1
+    assert len(await results_for(redis, keys.results, "long")) == 1
+
+
+async def _has_pending(redis: aioredis.Redis, keys: Keys, consumer: str) -> bool:
+    try:
+        rows = await redis.xpending_range(keys.requests, REQUESTS_GROUP, "-", "+", 10,
+                                          consumername=consumer)
+    except aioredis.ResponseError:  # the group is not created yet
+        return False
+    return bool(rows)
+
+
+async def _result_count(redis: aioredis.Redis, keys: Keys, request_id: str) -> bool:
+    return bool(await results_for(redis, keys.results, request_id))
+
+
+async def test_slow_generations_do_not_hold_up_cache_hits(redis, keys, tmp_path, redis_url):
+    settings = make_settings(tmp_path, redis_url, keys, generation_concurrency=1)
+    gen = CountingGenerator(latency_ms=0)
+    await send(redis, keys.requests, request_id="warm", prompt="a cached castle")
+    await worker_for(settings, redis, gen).run(burst=True)
+
+    gen.__init__(latency_ms=1500)  # now every generation takes 1.5 s, one at a time
+    worker = worker_for(settings, redis, gen)
+    async with running(worker):
+        for i in range(3):
+            await send(redis, keys.requests, request_id=f"slow{i}", prompt=f"uncached {i}")
+        await asyncio.sleep(0.1)
+        await send(redis, keys.requests, request_id="hit", prompt="A cached castle")
+        await wait_until(lambda: _result_count(redis, keys, "hit"), timeout=5)
+        [hit] = await results_for(redis, keys.results, "hit")
+        assert hit.cache == "exact" and hit.latency_ms < 1000, hit
+        assert not await results_for(redis, keys.results, "slow2")  # still queued behind slots
+        await wait_until(lambda: _result_count(redis, keys, "slow2"), timeout=15)
+
+
+async def test_generator_refusal_is_a_failed_result_not_a_retry(redis, keys, settings):
+    gen = CountingGenerator(fail_with={"forbidden thing": REFUSED})
+    await send(redis, keys.requests, request_id="no", prompt="forbidden thing")
+    await worker_for(settings, redis, gen).run(burst=True)
+    [result] = await results_for(redis, keys.results, "no")
+    assert result.status == "failed" and result.error.code == "generator_rejected"
+    assert result.cache is None and len(gen.calls) == 1
+
+
+async def test_a_recurring_failure_is_retried_then_dead_lettered_with_one_failed_result(
+        redis, keys, tmp_path, redis_url):
+    settings = make_settings(tmp_path, redis_url, keys, claim_idle="100ms", max_deliveries=3)
+    gen = CountingGenerator(fail_with={"boom": RuntimeError("a bug in the pipeline")})
+    await send(redis, keys.requests, request_id="boom-1", prompt="boom")
+    worker = worker_for(settings, redis, gen)
+    async with running(worker):
+        await wait_until(lambda: _result_count(redis, keys, "boom-1"), timeout=15)
+    assert len(gen.calls) == 3  # delivered 3 times, dead-lettered on the 4th delivery
+    [letter] = await dead_letters(redis, keys.dead_letter)
+    assert letter["request_id"] == "boom-1" and letter["delivery_count"] == 4
+    assert letter["error"]["code"] == "delivery_limit_exceeded"
+    assert '"prompt":"boom"' in letter["entry"]["data"]
+    [result] = await results_for(redis, keys.results, "boom-1")
+    assert result.status == "failed" and result.error.code == "delivery_limit_exceeded"
+    assert (await redis.xpending(keys.requests, REQUESTS_GROUP))["pending"] == 0
+
+
+@pytest.mark.parametrize(("raw", "code"), [
+    ('{"request_id": "bad-1", "prompt": "   "}', "invalid_request"),
+    ('{"request_id": "bad-1", "prompt": "x", "params": {"width": 1000000}}', "invalid_request"),
+    ('{"request_id": "bad-1", "prompt": "x", "params": {"clip_skip": 2}}', "invalid_request"),
+    ('{"request_id": "bad-1", "prompt": "' + "y" * 4001 + '"}', "prompt_too_long"),
+    ('{"request_id": "bad-1", "prompt": 42}', "invalid_request"),
+    ('{"request_id": "bad-1", "prompt": "x", "options": {"cache": "sometimes"}}',
+     "invalid_request"),
+])
+async def test_bad_requests_with_an_id_get_a_rejected_result(redis, keys, settings, raw, code):
+    gen = CountingGenerator()
+    await send(redis, keys.requests, raw=raw)
+    await worker_for(settings, redis, gen).run(burst=True)
+    [result] = await results_for(redis, keys.results, "bad-1")
+    assert result.status == "rejected" and result.error.code == code
+    assert gen.calls == []
+
+
+@pytest.mark.parametrize("raw", [b"not json", b'{"prompt": "no id"}', b"[1, 2]",
+                                 b'{"request_id": "has spaces!", "prompt": "x"}', b"\xff\xfe\x00",
+                                 b"[" * 50_000])
+async def test_entries_without_a_usable_id_are_dead_lettered_and_the_worker_goes_on(
+        redis, keys, settings, raw):
+    gen = CountingGenerator()
+    await redis.xadd(keys.requests, {"data": raw})
+    await redis.xadd(keys.requests, {"other": b"field"})
+    await send(redis, keys.requests, request_id="fine", prompt="after the garbage")
+    await worker_for(settings, redis, gen).run(burst=True)
+    letters = await dead_letters(redis, keys.dead_letter)
+    assert len(letters) == 2 and all(lt["error"]["code"] for lt in letters)
+    assert [r.status for r in await results_for(redis, keys.results, "fine")] == ["ok"]
+    assert (await redis.xpending(keys.requests, REQUESTS_GROUP))["pending"] == 0
+
+
+async def test_reply_to_stream_receives_the_result(redis, keys, settings):
+    await send(redis, keys.requests, request_id="rt", prompt="a kite", reply_to=f"{keys.prefix}:mine")
+    await worker_for(settings, redis, CountingGenerator()).run(burst=True)
+    assert [r.request_id for r in await results(redis, f"{keys.prefix}:mine")] == ["rt"]
+    assert await results(redis, keys.results) == []
+
+
+async def test_cache_options_bypass_and_refresh(redis, keys, settings):
+    gen = CountingGenerator()
+    for request_id, options in (("1", {}), ("2", {"cache": "bypass"}), ("3", {"cache": "refresh"}),
+                                ("4", {})):
+        await send(redis, keys.requests, request_id=request_id, prompt="a bicycle", options=options)
+        await worker_for(settings, redis, gen).run(burst=True)
+    by_id = {r.request_id: r for r in await results(redis, keys.results)}
+    assert [by_id[i].cache for i in "1234"] == ["miss", "bypass", "miss", "exact"]
+    assert by_id["4"].entry_id == by_id["3"].entry_id != by_id["1"].entry_id
+
+
+async def test_cache_store_down_means_bypass_not_failure(redis, keys, settings):
+    from consumers.runtime import cache_client
+    from tests.conftest import free_port_url
+
+    dead_cache = cache_client(free_port_url(), settings)
+    gen = CountingGenerator()
+    await send(redis, keys.requests, request_id="nocache", prompt="a barn owl")
+    worker = worker_for(settings, redis, gen, cache_redis=dead_cache)
+    await worker.run(burst=True)
+    await dead_cache.aclose()
+    [result] = await results_for(redis, keys.results, "nocache")
+    assert result.status == "ok" and result.cache == "bypass" and result.latency_ms < 1500
+
+
+async def test_group_deleted_under_a_running_worker_is_recreated(redis, keys, settings):
+    worker = worker_for(settings, redis, CountingGenerator())
+    async with running(worker):
+        await wait_until(lambda: _group_exists(redis, keys))
+        await redis.xgroup_destroy(keys.requests, REQUESTS_GROUP)
+        await send(redis, keys.requests, request_id="after", prompt="a new group")
+        await wait_until(lambda: _result_count(redis, keys, "after"), timeout=10)
+
+
+async def _group_exists(redis: aioredis.Redis, keys: Keys) -> bool:
+    try:
+        return any(g["name"] == REQUESTS_GROUP.encode() for g in await redis.xinfo_groups(keys.requests))
+    except aioredis.ResponseError:
+        return False
+
+
+def test_data_dir_layout_is_under_settings(settings):
+    assert Path(settings.images_dir).is_relative_to(settings.data_dir)
