@@ -206,7 +206,7 @@ async def _stats(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _purge(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.admin import purge
-    from consumers.config import _parse_duration
+    from consumers.config import parse_duration
     from consumers.keys import Keys
     from consumers.runtime import blob_store, require_redis_url, streams_client
 
@@ -214,7 +214,7 @@ async def _purge(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("purge needs DATABASE_URL (entries are found in PostgreSQL)")
     older = None
     if args.older_than:
-        parsed = _parse_duration(args.older_than)
+        parsed = parse_duration(args.older_than)
         if not hasattr(parsed, "total_seconds"):
             raise ConfigError(f"--older-than {args.older_than!r}: use e.g. 7d, 12h, 30m")
         older = parsed.total_seconds()  # type: ignore[union-attr]

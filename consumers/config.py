@@ -19,14 +19,14 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.IGNORECA
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def _parse_duration(value: object) -> object:
+def parse_duration(value: object) -> object:
     """Accept `30d`, `12h`, `90s`, `500ms`, plain seconds, or ISO 8601 (`P30D`)."""
     if isinstance(value, str) and (m := _DURATION.match(value)):
         return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[(m.group(2) or "s").lower()])
     return value
 
 
-Duration = Annotated[timedelta, BeforeValidator(_parse_duration)]
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 GeneratorKind = Literal["procedural", "runpod", "openai", "automatic1111"]
 
 

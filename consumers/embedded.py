@@ -115,10 +115,15 @@ class EmbeddedPostgres:
             self._server = None
 
     def pg_ctl(self, action: str) -> None:
-        """`stop`/`start` the same cluster, for outage tests."""
+        """`stop`/`start` the same cluster (same socket directory), for outage tests."""
         import pgserver
+        from psycopg.conninfo import conninfo_to_dict
 
-        pgserver.pg_ctl(["-w", "-l", str(self.data_dir / "log"), action], pgdata=self.data_dir,
+        socket_dir = conninfo_to_dict(self.url).get("host") or str(self.data_dir)
+        args = ["-w", "-l", str(self.data_dir / "log")]
+        if action in ("start", "restart"):
+            args += ["-o", '-h ""', "-o", f"-k {socket_dir}"]
+        pgserver.pg_ctl([*args, action], pgdata=self.data_dir,
                         user="pgserver" if os.geteuid() == 0 else None)
 
 

@@ -20,7 +20,7 @@ JSON_DIR = Path(__file__).resolve().parent / "json"
 
 
 def render(model: type[BaseModel]) -> str:
-    schema = model.model_json_schema(mode="serialization" if model is not Request else "validation")
+    schema = model.model_json_schema(mode="validation")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 

@@ -1,0 +1,55 @@
+"""`promptcache web`: images and thumbnails from the store only, health endpoints."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+
+from consumers.keys import Keys
+from consumers.storage.blobs import BlobStore
+from consumers.thumbnails import make_thumbnail
+from consumers.web import build_app
+
+
+@pytest.fixture
+def store_and_client(tmp_path):
+    store = BlobStore(tmp_path / "images", tmp_path / "thumbnails")
+    (tmp_path / "secret.txt").write_text("do not serve me")
+    out = io.BytesIO()
+    Image.new("RGB", (640, 480), (10, 200, 30)).save(out, format="PNG")
+    blob = store.put(out.getvalue(), "image/png", make_thumbnail(out.getvalue(), 128))
+    with TestClient(build_app(blobs=store, redis=None, keys=Keys("t"))) as client:
+        yield blob, client
+
+
+def test_serves_the_image_and_its_webp_thumbnail(store_and_client):
+    blob, client = store_and_client
+    image = client.get(f"/images/{blob.image_name}")
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(image.content)).size == (640, 480)
+    thumb = client.get(f"/thumbnails/{blob.thumbnail_name}")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/webp"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) == 128
+    assert "immutable" in image.headers["cache-control"]
+
+
+@pytest.mark.parametrize("path", [
+    "/images/../secret.txt", "/images/..%2Fsecret.txt", "/images/%2e%2e/%2e%2e/secret.txt",
+    "/images/secret.txt", "/thumbnails/../../secret.txt", "/images/" + "0" * 64 + ".png",
+    "/images//etc/passwd", "/images/" + "a" * 64 + ".png%00.txt",
+])
+def test_refuses_anything_outside_the_store(store_and_client, path):
+    _, client = store_and_client
+    response = client.get(path)
+    assert response.status_code == 404
+    assert b"do not serve me" not in response.content
+
+
+def test_health_endpoints(store_and_client):
+    _, client = store_and_client
+    assert client.get("/healthz").json() == {"status": "alive"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["ready"] is False
