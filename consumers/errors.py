@@ -5,9 +5,10 @@
   + GenerationFailed      the generator could not make it    -> `failed` result, ack
     - GenerationRejected  the generator said no for good (400, moderation)
     - GeneratorTimeout, GeneratorUnavailable (after the adapter's own retries)
-  + RetryableError        transient infrastructure trouble   -> leave pending, redelivered
-    - StorageUnavailable, CacheUnavailable
-Anything else is a bug: the message stays pending and, past the delivery limit, is dead-lettered.
+  + CacheUnavailable      the cache store is down or slow    -> bypass the cache, still answer
+Anything else (a bug, a full disk, the streams Redis gone mid-request) leaves the message pending:
+it is redelivered after `claim_idle` and, past `max_deliveries`, dead-lettered with a `failed`
+result.
 """
 
 from __future__ import annotations
@@ -46,15 +47,7 @@ class GeneratorUnavailable(GenerationFailed):
     code = "generator_unavailable"
 
 
-class RetryableError(PipelineError):
-    code = "retryable"
-
-
-class StorageUnavailable(RetryableError):
-    code = "storage_unavailable"
-
-
-class CacheUnavailable(RetryableError):
+class CacheUnavailable(PipelineError):
     code = "cache_unavailable"
 
 
