@@ -10,14 +10,15 @@ import psycopg
 import redis.asyncio as aioredis
 from psycopg.rows import dict_row
 
-from consumers.keys import JANITOR_GROUP, PERSISTER_GROUP, REQUESTS_GROUP, Keys
+from consumers.keys import GENERATE_GROUP, JANITOR_GROUP, PERSISTER_GROUP, REQUESTS_GROUP, Keys
 from consumers.storage.blobs import BlobStore
 from schemas.events import ChangeEvent, DeadLetter
 
 
 async def stream_stats(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
     out: dict[str, Any] = {"streams": {}, "workers": []}
-    for stream, groups in ((keys.requests, [REQUESTS_GROUP]), (keys.results, []),
+    for stream, groups in ((keys.requests, [REQUESTS_GROUP]), (keys.generate, [GENERATE_GROUP]),
+                           (keys.results, []),
                            (keys.dead_letter, []),
                            (keys.changes, [PERSISTER_GROUP, JANITOR_GROUP])):
         info: dict[str, Any] = {"length": await redis.xlen(stream), "groups": {}}
@@ -124,7 +125,7 @@ async def dead_letters(redis: aioredis.Redis, keys: Keys, count: int) -> list[tu
 
 
 async def replay(redis: aioredis.Redis, keys: Keys, ids: list[str] | None) -> int:
-    """Put dead-lettered entries back on the requests stream (as new entries) and drop them.
+    """Put dead-lettered entries back on the stream they came from (as new entries) and drop them.
 
     A request that was dead-lettered after the delivery limit already got a `failed` result;
     replaying it is the operator's deliberate choice to try again, so its request id is
@@ -138,7 +139,7 @@ async def replay(redis: aioredis.Redis, keys: Keys, ids: list[str] | None) -> in
         async with redis.pipeline(transaction=True) as pipe:
             if letter.request_id:
                 pipe.delete(keys.done(letter.request_id))
-            pipe.xadd(keys.requests, letter.entry)  # type: ignore[arg-type]
+            pipe.xadd(letter.stream, letter.entry)  # type: ignore[arg-type]
             pipe.xdel(keys.dead_letter, mid)
             await pipe.execute()
         replayed += 1

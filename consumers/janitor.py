@@ -140,7 +140,7 @@ class Janitor:
         return len(deliveries)
 
     async def trim_streams(self) -> None:
-        for stream in (self.keys.requests, self.keys.changes):
+        for stream in (self.keys.requests, self.keys.generate, self.keys.changes):
             floor = await safe_trim_id(self.redis, stream)
             if floor is not None:
                 self.trimmed += await self.redis.xtrim(stream, minid=floor, approximate=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 REQUESTS_GROUP = "workers"
+GENERATE_GROUP = "generators"
 PERSISTER_GROUP = "persister"
 JANITOR_GROUP = "janitor"
 
@@ -20,6 +21,11 @@ class Keys:
     @property
     def results(self) -> str:
         return f"{self.prefix}:results"
+
+    @property
+    def generate(self) -> str:
+        """Internal: misses handed from the fast path to the generation stage."""
+        return f"{self.prefix}:generate"
 
     @property
     def dead_letter(self) -> str:

@@ -40,15 +40,33 @@ class Outcome:
     changes: list[ChangeEvent] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A request in canonical form: what the tiers and the generator work from."""
+
+    request: Request
+    params: NormalizedParams
+    canonical: str
+    prompt_used: str
+    negative: str | None
+    key: str
+
+
 class Pipeline:
+    """Two stages, run by the worker on two streams:
+
+    - `lookup` (fast, every request): canonicalise and ask the cache tiers; None means "generate".
+    - `generate` (slow, bounded by the worker): look again (another worker may have made it
+      meanwhile), then generate, store, and describe the new entry.
+    """
+
     def __init__(self, *, generator: Generator, exact: ExactCache | None, blobs: BlobStore,
-                 public_url: str, generation_concurrency: int, thumbnail_size: int = 256) -> None:
+                 public_url: str, thumbnail_size: int = 256) -> None:
         self.generator = generator
         self.exact = exact
         self.blobs = blobs
         self.public_url = public_url.rstrip("/")
         self.thumbnail_size = thumbnail_size
-        self._generation_slots = asyncio.Semaphore(generation_concurrency)
         # In-process single flight: identical misses in this worker wait for one generation.
         # (Across workers, a Redis lock does the same: the reliability issue.)
         self._in_flight: dict[str, asyncio.Future[CacheEntry]] = {}
@@ -58,7 +76,7 @@ class Pipeline:
         return (f"{self.public_url}/images/{blob_sha256}.{ext}",
                 f"{self.public_url}/thumbnails/{blob_sha256}.webp")
 
-    async def process(self, request: Request) -> Outcome:
+    def prepare(self, request: Request) -> Prepared:
         params = normalize_params(request.params, default_model=self.generator.default_model)
         canonical = canonical_prompt(request.prompt)
         if not canonical:
@@ -66,56 +84,73 @@ class Pipeline:
         prompt_used = clean_prompt(request.prompt) if request.options.optimize else request.prompt
         negative = clean_prompt(request.negative_prompt) if request.negative_prompt else None
         key = cache_key(canonical, canonical_prompt(negative) if negative else None, params)
+        return Prepared(request, params, canonical, prompt_used, negative, key)
+
+    async def _cached(self, prepared: Prepared) -> tuple[CacheEntry | None, bool]:
+        """(entry, cache usable) for the exact key."""
+        if self.exact is None:
+            return None, False
+        try:
+            entry = await self.exact.get(prepared.key)
+        except CacheUnavailable as exc:
+            log.warning("cache_unavailable", error=str(exc))
+            return None, False
+        # one stat() on local disk: cheaper inline than a thread hop
+        if entry is not None and not self.blobs.exists(entry.blob_sha256, entry.content_type):
+            log.warning("cache_entry_without_blob", entry_id=entry.entry_id)
+            entry = None
+        return entry, True
+
+    async def lookup(self, request: Request) -> Outcome | None:
+        """The fast path: an answer from the cache, or None when the image must be generated."""
+        prepared = self.prepare(request)
+        if request.options.cache != "use":
+            return None
+        entry, _ = await self._cached(prepared)
+        return self._hit(request, entry, "exact") if entry is not None else None
+
+    async def generate(self, request: Request) -> Outcome:
+        """The slow path. Raises GenerationFailed when the generator cannot make the image."""
+        prepared = self.prepare(request)
         mode = request.options.cache
         cache_usable = self.exact is not None
-
-        if mode == "use" and self.exact is not None:
-            try:
-                entry = await self.exact.get(key)
-            except CacheUnavailable as exc:
-                log.warning("cache_unavailable", error=str(exc))
-                entry, cache_usable = None, False
-            if entry is not None:
-                if await asyncio.to_thread(self.blobs.exists, entry.blob_sha256, entry.content_type):
-                    return self._hit(request, entry, "exact")
-                log.warning("cache_entry_without_blob", entry_id=entry.entry_id)
-
-        if mode == "use" and (leader := self._in_flight.get(key)) is not None:
-            try:
-                entry = await asyncio.shield(leader)
-            except Exception:  # noqa: BLE001 - the leader failed: try ourselves
-                entry = None
-            if entry is not None:
+        if mode == "use":
+            entry, cache_usable = await self._cached(prepared)
+            if entry is not None:  # made by another request while this one queued
                 return self._hit(request, entry, "coalesced")
+            if (leader := self._in_flight.get(prepared.key)) is not None:
+                try:
+                    return self._hit(request, await asyncio.shield(leader), "coalesced")
+                except Exception:  # noqa: BLE001 - the leader failed: try ourselves
+                    pass
         future: asyncio.Future[CacheEntry] | None = None
-        if mode == "use" and key not in self._in_flight:
+        if mode == "use" and prepared.key not in self._in_flight:
             future = asyncio.get_running_loop().create_future()
-            self._in_flight[key] = future
+            self._in_flight[prepared.key] = future
         try:
-            outcome = await self._generate_and_store(request, key, canonical, prompt_used,
-                                                     negative, params, mode, cache_usable)
+            outcome, entry = await self._generate_and_store(prepared, cache_usable)
         except BaseException as exc:
             if future is not None:
-                self._in_flight.pop(key, None)
+                self._in_flight.pop(prepared.key, None)
                 future.set_exception(exc if isinstance(exc, Exception) else
                                      RuntimeError("cancelled"))
                 future.exception()  # retrieved: no "never retrieved" warning
             raise
         if future is not None:
-            self._in_flight.pop(key, None)
-            future.set_result(outcome[1])
-        return outcome[0]
+            self._in_flight.pop(prepared.key, None)
+            future.set_result(entry)
+        return outcome
 
-    async def _generate_and_store(self, request: Request, key: str, canonical: str,
-                                  prompt_used: str, negative: str | None,
-                                  params: NormalizedParams, mode: str,
+    async def _generate_and_store(self, prepared: Prepared,
                                   cache_usable: bool) -> tuple[Outcome, CacheEntry]:
+        request, params, key = prepared.request, prepared.params, prepared.key
+        canonical, prompt_used, negative = prepared.canonical, prepared.prompt_used, prepared.negative
+        mode = request.options.cache
         started = time.monotonic()
-        async with self._generation_slots:
-            image = await self.generator.generate(GenerationRequest(
-                prompt=prompt_used, negative_prompt=negative, model=params.model,
-                width=params.width, height=params.height, steps=params.steps,
-                guidance=params.guidance, sampler=params.sampler, seed=params.seed))
+        image = await self.generator.generate(GenerationRequest(
+            prompt=prompt_used, negative_prompt=negative, model=params.model,
+            width=params.width, height=params.height, steps=params.steps,
+            guidance=params.guidance, sampler=params.sampler, seed=params.seed))
         generation_ms = (time.monotonic() - started) * 1000
         thumbnail = await asyncio.to_thread(make_thumbnail, image.data, self.thumbnail_size)
         blob = await asyncio.to_thread(self.blobs.put, image.data, image.content_type, thumbnail)

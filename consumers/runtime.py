@@ -55,10 +55,10 @@ def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aior
     pipeline = Pipeline(generator=generator,
                         exact=ExactCache(cache_redis, keys, settings.ttl) if cache_redis else None,
                         blobs=blob_store(settings), public_url=settings.effective_public_url,
-                        generation_concurrency=settings.generation_concurrency,
                         thumbnail_size=settings.thumbnail_size)
     return Worker(redis=redis, keys=keys, pipeline=pipeline, consumer=consumer,
                   batch_size=settings.batch_size, max_in_flight=settings.max_in_flight,
+                  generation_concurrency=settings.generation_concurrency,
                   claim_idle=settings.claim_idle, block=settings.block,
                   max_deliveries=settings.max_deliveries, done_ttl=settings.done_ttl,
                   health_interval=settings.health_interval)

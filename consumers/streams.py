@@ -118,14 +118,20 @@ def _id_key(message_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-class Publisher:
-    """Publishes outcomes and acknowledges requests in one MULTI/EXEC."""
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Which stream and group an entry was read from: what acknowledging it means."""
 
-    def __init__(self, redis: aioredis.Redis, *, requests_stream: str, group: str,
-                 dead_letter_stream: str, changes_stream: str, done_ttl: timedelta) -> None:
+    stream: str
+    group: str
+
+
+class Publisher:
+    """Publishes outcomes and acknowledges what they answer, each in one MULTI/EXEC."""
+
+    def __init__(self, redis: aioredis.Redis, *, dead_letter_stream: str, changes_stream: str,
+                 done_ttl: timedelta) -> None:
         self.redis = redis
-        self.requests_stream = requests_stream
-        self.group = group
         self.dead_letter_stream = dead_letter_stream
         self.changes_stream = changes_stream
         self.done_ttl = done_ttl
@@ -133,8 +139,18 @@ class Publisher:
     async def already_done(self, done_key: str) -> bool:
         return bool(await self.redis.exists(done_key))
 
-    async def publish_result(self, *, message_id: str, done_key: str, stream: str, data: str,
-                             changes: Sequence[str] = ()) -> bool:
+    async def ack(self, source: Source, message_id: str) -> None:
+        await self.redis.xack(source.stream, source.group, message_id)
+
+    async def hand_off(self, source: Source, message_id: str, stream: str, data: str) -> None:
+        """Move an entry to another stream: XADD there + XACK here, atomically."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(stream, {"data": data})
+            pipe.xack(source.stream, source.group, message_id)
+            await pipe.execute()
+
+    async def publish_result(self, source: Source, message_id: str, *, done_key: str,
+                             stream: str, data: str, changes: Sequence[str] = ()) -> bool:
         """XADD result + XACK + mark done, atomically; False when the request was answered before.
 
         WATCH on the done key makes a concurrent duplicate (the same request_id delivered twice,
@@ -145,21 +161,21 @@ class Publisher:
                 await pipe.watch(done_key)
                 if await pipe.exists(done_key):
                     await pipe.unwatch()
-                    await self.redis.xack(self.requests_stream, self.group, message_id)
+                    await self.ack(source, message_id)
                     return False
                 pipe.multi()
                 pipe.xadd(stream, {"data": data})
-                pipe.xack(self.requests_stream, self.group, message_id)
+                pipe.xack(source.stream, source.group, message_id)
                 pipe.set(done_key, message_id, ex=self.done_ttl)
                 for change in changes:
                     pipe.xadd(self.changes_stream, {"data": change})
                 await pipe.execute()
                 return True
             except WatchError:
-                await self.redis.xack(self.requests_stream, self.group, message_id)
+                await self.ack(source, message_id)
                 return False
 
-    async def dead_letter(self, *, message_id: str, data: str,
+    async def dead_letter(self, source: Source, message_id: str, *, data: str,
                           result: tuple[str, str, str] | None = None) -> None:
         """XADD dead letter + XACK; with `result` = (stream, data, done_key) the request also
         gets its one `failed` result, unless it was answered before."""
@@ -170,7 +186,7 @@ class Publisher:
                 answered = bool(await pipe.exists(result[2]))
                 pipe.multi()
             pipe.xadd(self.dead_letter_stream, {"data": data})
-            pipe.xack(self.requests_stream, self.group, message_id)
+            pipe.xack(source.stream, source.group, message_id)
             if result is not None and not answered:
                 stream, payload, done_key = result
                 pipe.xadd(stream, {"data": payload})
@@ -178,7 +194,7 @@ class Publisher:
             try:
                 await pipe.execute()
             except WatchError:  # answered meanwhile: dead-letter without a second result
-                await self.dead_letter(message_id=message_id, data=data)
+                await self.dead_letter(source, message_id, data=data)
 
 
 def now_ms() -> float:

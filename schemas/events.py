@@ -70,6 +70,16 @@ class Request(BaseModel):
         return value
 
 
+class GenerationJob(BaseModel):
+    """An entry of `promptcache:generate` (internal): a request the cache could not answer,
+    handed from a worker's fast path to the generation stage of whichever worker has a free slot."""
+
+    model_config = ConfigDict(frozen=True)
+
+    request: Request
+    origin_id: str  # the request's entry id in promptcache:requests: latency runs from its time
+
+
 class ErrorInfo(BaseModel):
     model_config = ConfigDict(frozen=True)
 

@@ -8,13 +8,14 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas.events import ChangeEvent, DeadLetter, Request, Result
+from schemas.events import ChangeEvent, DeadLetter, GenerationJob, Request, Result
 
 MODELS: dict[str, type[BaseModel]] = {
     "request": Request,
     "result": Result,
     "dead_letter": DeadLetter,
     "change_event": ChangeEvent,
+    "generation_job": GenerationJob,
 }
 JSON_DIR = Path(__file__).resolve().parent / "json"
 

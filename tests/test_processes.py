@@ -16,7 +16,7 @@ import pytest
 import redis as syncredis
 
 from consumers.embedded import free_port
-from consumers.keys import REQUESTS_GROUP, Keys
+from consumers.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
 from schemas.events import Request, Result
 
 pytestmark = pytest.mark.slow
@@ -54,10 +54,14 @@ def _wait(predicate, timeout: float, what: str) -> None:
 
 
 def _pending(r: syncredis.Redis, keys: Keys) -> int:
-    try:
-        return int(r.xpending(keys.requests, REQUESTS_GROUP)["pending"])
-    except syncredis.ResponseError:
-        return 0
+    """Entries held by some worker, on either stage (requests, generation jobs)."""
+    held = 0
+    for stream, group in ((keys.requests, REQUESTS_GROUP), (keys.generate, GENERATE_GROUP)):
+        try:
+            held += int(r.xpending(stream, group)["pending"])
+        except syncredis.ResponseError:
+            pass
+    return held
 
 
 def test_sigterm_finishes_in_flight_generation_and_exits_cleanly(redis_url, keys, tmp_path):
@@ -87,7 +91,8 @@ def test_sigkill_mid_generation_loses_nothing(redis_url, keys, tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for i in range(3):
         _send(r, keys, f"kill-{i}", f"interrupted painting {i}")
-    _wait(lambda: _pending(r, keys) == 3, 20, "the victim to take all three")
+    _wait(lambda: _pending(r, keys) == 3 and r.xlen(keys.generate) == 3, 20,
+          "the victim to take all three")
     victim.send_signal(signal.SIGKILL)
     victim.wait(10)
     env["PROMPTCACHE_GENERATOR_LATENCY_MS"] = "100"

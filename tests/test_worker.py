@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from consumers.keys import REQUESTS_GROUP, Keys
+from consumers.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
 from consumers.streams import ensure_group
 from tests.conftest import make_settings, wait_until
 from tests.helpers import (
@@ -129,8 +129,9 @@ async def test_long_generation_renews_its_lease_and_is_not_stolen(redis, keys, t
 
 
 async def _has_pending(redis: aioredis.Redis, keys: Keys, consumer: str) -> bool:
+    """Whether `consumer` holds a generation job."""
     try:
-        rows = await redis.xpending_range(keys.requests, REQUESTS_GROUP, "-", "+", 10,
+        rows = await redis.xpending_range(keys.generate, GENERATE_GROUP, "-", "+", 10,
                                           consumername=consumer)
     except aioredis.ResponseError:  # the group is not created yet
         return False
@@ -272,3 +273,26 @@ async def _group_exists(redis: aioredis.Redis, keys: Keys) -> bool:
 
 def test_data_dir_layout_is_under_settings(settings):
     assert Path(settings.images_dir).is_relative_to(settings.data_dir)
+
+
+async def test_a_burst_of_misses_spreads_over_every_worker(redis, keys, tmp_path, redis_url):
+    settings = make_settings(tmp_path, redis_url, keys, generation_concurrency=2)
+    for i in range(8):
+        await send(redis, keys.requests, request_id=f"m{i}", prompt=f"distinct picture {i}")
+    first, second = CountingGenerator(latency_ms=400), CountingGenerator(latency_ms=400)
+    # the first worker reads all eight requests before the second starts
+    w1 = worker_for(settings, redis, first, consumer="w1")
+    async with running(w1):
+        await wait_until(lambda: _all_handed_off(redis, keys, 8))
+        await worker_for(settings, redis, second, consumer="w2").run(burst=True)
+        await wait_until(lambda: _count_results(redis, keys, 8), timeout=10)
+    assert len(first.calls) + len(second.calls) == 8
+    assert len(second.calls) >= 2, (first.calls, second.calls)
+
+
+async def _all_handed_off(redis: aioredis.Redis, keys: Keys, n: int) -> bool:
+    return (await redis.xlen(keys.generate)) == n
+
+
+async def _count_results(redis: aioredis.Redis, keys: Keys, n: int) -> bool:
+    return len(await results(redis, keys.results)) == n
