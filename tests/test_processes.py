@@ -77,6 +77,7 @@ def test_sigterm_finishes_in_flight_generation_and_exits_cleanly(redis_url, keys
         _, err = worker.communicate(timeout=30)
     finally:
         worker.kill()
+        worker.wait(10)
     assert worker.returncode == 0, err[-2000:]
     assert [x.request_id for x in _results(r, keys)] == ["term-1"]
     assert _pending(r, keys) == 0
@@ -89,12 +90,14 @@ def test_sigkill_mid_generation_loses_nothing(redis_url, keys, tmp_path):
     r = syncredis.Redis.from_url(redis_url)
     victim = subprocess.Popen([sys.executable, "-m", "consumers", "worker"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for i in range(3):
-        _send(r, keys, f"kill-{i}", f"interrupted painting {i}")
-    _wait(lambda: _pending(r, keys) == 3 and r.xlen(keys.generate) == 3, 20,
-          "the victim to take all three")
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(10)
+    try:
+        for i in range(3):
+            _send(r, keys, f"kill-{i}", f"interrupted painting {i}")
+        _wait(lambda: _pending(r, keys) == 3 and r.xlen(keys.generate) == 3, 20,
+              "the victim to take all three")
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
     env["PROMPTCACHE_GENERATOR_LATENCY_MS"] = "100"
     rescuer = subprocess.Popen([sys.executable, "-m", "consumers", "worker"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
