@@ -193,3 +193,38 @@ def test_up_serves_the_demo_submit_stats_and_purge_then_stops_cleanly(tmp_path):
     assert up.returncode == 0, err[-3000:]
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", "processes left running after up stopped"
+
+
+def test_streams_redis_killed_and_restarted_with_aof_loses_nothing(tmp_path, keys):
+    from consumers.embedded import EmbeddedValkey
+
+    server = EmbeddedValkey(tmp_path / "valkey").start()
+    env = _env(tmp_path, REDIS_URL=server.url, PROMPTCACHE_PREFIX=keys.prefix,
+               PROMPTCACHE_GENERATOR_LATENCY_MS="300", PROMPTCACHE_CLAIM_IDLE="2s")
+    worker = subprocess.Popen([sys.executable, "-m", "consumers", "worker"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        r = syncredis.Redis.from_url(server.url)
+        for i in range(20):
+            _send(r, keys, f"before-{i}", f"prompt {i % 7}")
+        time.sleep(0.5)  # some answered, some in flight
+        server.kill()  # SIGKILL: no shutdown, no final fsync
+        time.sleep(1.0)
+        server = EmbeddedValkey(server.data_dir, port=server.port).start()
+        r = syncredis.Redis.from_url(server.url)
+        for i in range(10):
+            _send(r, keys, f"after-{i}", f"prompt {i % 7}")
+        expected = {f"before-{i}" for i in range(20)} | {f"after-{i}" for i in range(10)}
+        _wait(lambda: {x.request_id for x in _results(r, keys)} == expected, 60,
+              "every request answered after the restart")
+        time.sleep(0.5)
+        ids = [x.request_id for x in _results(r, keys)]
+        assert len(ids) == len(set(ids)) == 30  # none twice
+        assert _pending(r, keys) == 0
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        finally:
+            worker.kill()
+            server.stop()
