@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=_default_data_dir)
     migrations_dir: Path = Path(__file__).resolve().parent.parent / "migrations"
 
+    embedded_redis_port: int = Field(8751, ge=0, le=65535)  # `up` without REDIS_URL; 0 = any free
+
     # web
     web_host: str = "127.0.0.1"
     web_port: int = 8750

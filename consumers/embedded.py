@@ -49,6 +49,12 @@ class EmbeddedValkey:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.port:
             self.port = free_port(self.host)
+        else:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                if probe.connect_ex((self.host, self.port)) == 0:
+                    raise RuntimeError(
+                        f"port {self.port} is already in use (another `promptcache up`?); "
+                        "set PROMPTCACHE_EMBEDDED_REDIS_PORT to another port, or 0 for any")
         args = [
             valkey_binary(), "--port", str(self.port), "--bind", self.host,
             "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",

@@ -61,7 +61,8 @@ class Stack:
         redis_url, database_url = s.redis_url, s.database_url
         if not redis_url:
             self._print(f"starting embedded Valkey (data in {s.data_dir / 'valkey'}) ...")
-            self.valkey = EmbeddedValkey(s.data_dir / "valkey").start()
+            self.valkey = EmbeddedValkey(s.data_dir / "valkey",
+                                         port=s.embedded_redis_port).start()
             redis_url = self.valkey.url
         if not database_url:
             self._print(f"starting embedded PostgreSQL (data in {s.data_dir / 'postgres'}) ...")
@@ -179,7 +180,11 @@ def up(settings: Settings, *, workers: int, demo_count: int = 0) -> int:
     stack = Stack(settings, workers=workers)
     previous = {sig: signal.signal(sig, stack.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        env = stack.start()
+        try:
+            env = stack.start()
+        except (RuntimeError, OSError) as exc:
+            print(f"promptcache up: {exc}", file=sys.stderr)
+            return 1
         if demo_count and not stack._stop:
             demo(env["REDIS_URL"], settings, demo_count)
             print("still serving; Ctrl-C stops everything.")

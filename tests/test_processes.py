@@ -138,6 +138,7 @@ def test_dead_letter_list_and_replay(redis_url, keys, tmp_path):
 def test_up_serves_the_demo_submit_stats_and_purge_then_stops_cleanly(tmp_path):
     port = free_port()
     env = _env(tmp_path, PROMPTCACHE_WEB_PORT=str(port), PROMPTCACHE_GENERATOR_LATENCY_MS="200",
+               PROMPTCACHE_EMBEDDED_REDIS_PORT="0",
                PROMPTCACHE_HEALTH_INTERVAL="1s")
     up = subprocess.Popen([sys.executable, "-m", "consumers", "up", "--workers", "2", "--demo", "3"],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
