@@ -49,8 +49,12 @@ def load_prompts(directory: Path | None = None) -> list[str]:
 
 
 def retype(prompt: str, rng: random.Random) -> str:
-    """What a person typing the same prompt again might send."""
-    variant = prompt.upper() if rng.random() < 0.3 else prompt.capitalize()
+    """What a person typing the same prompt again might send. Text in quotes keeps its case
+    (it is drawn in the picture, so the cache key keeps it too)."""
+    if '"' in prompt or "'" in prompt:
+        variant = prompt
+    else:
+        variant = prompt.upper() if rng.random() < 0.3 else prompt.capitalize()
     return "  " + variant.replace(" ", "  ", 1).rstrip(".") + ". "
 
 

@@ -219,16 +219,31 @@ class Worker:
     # one entry ----------------------------------------------------------------------------
 
     async def _guarded(self, stage: Stage, delivery: Delivery) -> None:
+        """Handle one entry. A Redis hiccup is retried here a few times (the handler is safe to
+        re-run: a stored image is found again in the cache); anything else, or a Redis outage
+        that outlasts the retries, leaves the entry pending for XAUTOCLAIM."""
         with bound_contextvars(stage=stage.name, message_id=delivery.message_id,
                                redelivered=delivery.redelivered):
-            try:
-                await stage.handle(delivery)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the one place that catches everything: leave pending
-                self.counters["retry_later"] += 1
-                log.exception("processing_failed_left_pending", error=str(exc),
-                              times_delivered=delivery.times_delivered)
+            for attempt, pause in enumerate((0.05, 0.25, 1.0, None)):
+                try:
+                    await stage.handle(delivery)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except (RedisConnectionError, RedisTimeoutError) as exc:
+                    if pause is None or self._stopping.is_set():
+                        self._left_pending(exc, delivery)
+                        return
+                    log.warning("redis_error_retrying", error=str(exc), attempt=attempt + 1)
+                    await asyncio.sleep(pause)
+                except Exception as exc:  # the one place that catches everything
+                    self._left_pending(exc, delivery)
+                    return
+
+    def _left_pending(self, exc: Exception, delivery: Delivery) -> None:
+        self.counters["retry_later"] += 1
+        log.exception("processing_failed_left_pending", error=str(exc),
+                      times_delivered=delivery.times_delivered)
 
     async def _handle_request(self, delivery: Delivery) -> None:
         source = self.fast.source
