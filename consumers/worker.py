@@ -33,7 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from structlog.contextvars import bound_contextvars
 
 from consumers import intake
-from consumers.errors import GenerationFailed, RequestRejected
+from consumers.errors import GenerationFailed, PipelineError, RequestRejected
 from consumers.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
 from consumers.pipeline import Outcome, Pipeline
 from consumers.streams import (
@@ -45,13 +45,18 @@ from consumers.streams import (
     is_nogroup,
     now_ms,
 )
-from schemas.events import DeadLetter, ErrorInfo, GenerationJob, Request, Result
+from schemas.events import DeadLetter, ErrorInfo, GenerationJob, Request, Result, Status
 
 log = structlog.get_logger(__name__)
 
 
 def consumer_name() -> str:
     return f"{socket.gethostname()}#{os.getpid()}"
+
+
+def _answer_with_error(request: Request, status: Status, exc: PipelineError) -> Outcome:
+    return Outcome(Result(request_id=request.request_id, status=status,
+                          error=ErrorInfo(code=exc.code, message=exc.message)))
 
 
 @dataclass
@@ -263,8 +268,7 @@ class Worker:
             try:
                 outcome = await self.pipeline.lookup(request)
             except RequestRejected as exc:
-                outcome = Outcome(Result(request_id=request.request_id, status="rejected",
-                                         error=ErrorInfo(code=exc.code, message=exc.message)))
+                outcome = _answer_with_error(request, "rejected", exc)
             if outcome is not None:
                 await self._publish(source, delivery.message_id, delivery.message_id,
                                     request.reply_to, outcome)
@@ -290,11 +294,9 @@ class Worker:
             try:
                 outcome = await self.pipeline.generate(request)
             except RequestRejected as exc:
-                outcome = Outcome(Result(request_id=request.request_id, status="rejected",
-                                         error=ErrorInfo(code=exc.code, message=exc.message)))
+                outcome = _answer_with_error(request, "rejected", exc)
             except GenerationFailed as exc:
-                outcome = Outcome(Result(request_id=request.request_id, status="failed",
-                                         error=ErrorInfo(code=exc.code, message=exc.message)))
+                outcome = _answer_with_error(request, "failed", exc)
             await self._publish(source, delivery.message_id, job.origin_id, request.reply_to,
                                 outcome)
 
