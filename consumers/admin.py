@@ -11,7 +11,8 @@ import redis.asyncio as aioredis
 from psycopg.rows import dict_row
 
 from consumers.keys import GENERATE_GROUP, JANITOR_GROUP, PERSISTER_GROUP, REQUESTS_GROUP, Keys
-from consumers.storage.blobs import BlobStore
+from consumers.cache.registry import EntryRegistry
+from consumers.pipeline import evicted_event
 from schemas.events import ChangeEvent, DeadLetter
 
 
@@ -37,6 +38,7 @@ async def stream_stats(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
             out["workers"].append(json.loads(raw))
     stored = await redis.get(keys.stored_bytes)
     out["stored_bytes"] = int(stored) if stored else 0
+    out["entries"] = int(await redis.zcard(keys.lru))
     return out
 
 
@@ -68,7 +70,7 @@ def render_stats(streams: dict[str, Any], db: dict[str, Any] | None) -> str:
         lines.append(f"  {w['consumer']:<32} {counts}  ({time.time() - w['at']:.0f}s ago)")
     if not streams["workers"]:
         lines.append("  none reporting")
-    lines.append(f"stored bytes (janitor account)  {streams['stored_bytes']:,}")
+    lines.append(f"cache: {streams['entries']:,} entries, {streams['stored_bytes']:,} bytes stored")
     if db is not None:
         lines.append("database")
         lines.append(f"  entries {db['entries']:,}   bytes {db['bytes']:,}   hits {db['hits']:,}"
@@ -79,14 +81,14 @@ def render_stats(streams: dict[str, Any], db: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-async def purge(redis: aioredis.Redis, keys: Keys, database_url: str, blobs: BlobStore, *,
-                entry_ids: list[str] | None = None, prompt_like: str | None = None,
-                older_than_s: float | None = None, everything: bool = False) -> int:
-    """Evict matching entries: exact key, blob (when no other entry shares it), metadata row.
-
-    The row goes through the change stream like any eviction, so the persister and the janitor's
-    byte account see it.
-    """
+async def purge(redis: aioredis.Redis, keys: Keys, database_url: str,
+                registry: EntryRegistry, *, entry_ids: list[str] | None = None,
+                prompt_like: str | None = None, older_than_s: float | None = None,
+                everything: bool = False) -> int:
+    """Evict matching entries through the same path as the janitor's evictions: registry,
+    exact key, blob files (with the last reference), and the metadata row via the change stream.
+    Entries are found in PostgreSQL (which knows prompts and ages) and, for --all and --entry,
+    in the registry too, so entries the persister has not written yet are not missed."""
     where, args = [], []
     if entry_ids:
         where.append("entry_id = ANY(%s)")
@@ -99,24 +101,24 @@ async def purge(redis: aioredis.Redis, keys: Keys, database_url: str, blobs: Blo
         args.append(older_than_s)
     if not where and not everything:
         raise ValueError("say what to purge: --entry, --prompt, --older-than or --all")
-    sql = "SELECT * FROM cache_entries" + (" WHERE " + " AND ".join(where) if where else "")
-    with psycopg.connect(database_url, row_factory=dict_row, connect_timeout=5) as conn:
-        rows = conn.execute(sql, args).fetchall()  # type: ignore[arg-type]
-        ids = [r["entry_id"] for r in rows]
-        shared = {r["blob_sha256"] for r in conn.execute(
-            "SELECT DISTINCT blob_sha256 FROM cache_entries WHERE blob_sha256 = ANY(%s)"
-            " AND NOT entry_id = ANY(%s)", ([r["blob_sha256"] for r in rows], ids)).fetchall()}
-    for row in rows:
-        await redis.delete(keys.exact(row["cache_key"]))
-        freed_image = row["image_bytes"] if row["blob_sha256"] not in shared else 0
-        if row["blob_sha256"] not in shared:
-            blobs.delete(row["blob_sha256"], row["content_type"])
-        event = ChangeEvent(type="entry_evicted", entry_id=row["entry_id"], at=time.time(),
-                            reason="purge", blob_sha256=row["blob_sha256"],
-                            image_bytes=freed_image,
-                            thumbnail_bytes=row["thumbnail_bytes"] if freed_image else 0)
+    sql = "SELECT entry_id FROM cache_entries" + (" WHERE " + " AND ".join(where) if where else "")
+    with psycopg.connect(database_url, connect_timeout=5) as conn:
+        ids = {row[0] for row in conn.execute(sql, args).fetchall()}  # type: ignore[arg-type]
+    if everything and not where:
+        ids |= {r.decode() for r in await registry.redis.zrange(keys.lru, 0, -1)}
+    if entry_ids and not (prompt_like or older_than_s is not None):
+        ids |= set(entry_ids)
+    purged = 0
+    for entry_id in sorted(ids):
+        eviction = await registry.evict(entry_id, reason="purge")
+        if eviction is None:  # not registered (any more): still drop the row
+            event = ChangeEvent(type="entry_evicted", entry_id=entry_id, at=time.time(),
+                                reason="purge")
+        else:
+            event = evicted_event(eviction, "purge")
+            purged += 1
         await redis.xadd(keys.changes, {"data": event.model_dump_json(exclude_none=True)})
-    return len(rows)
+    return purged
 
 
 async def dead_letters(redis: aioredis.Redis, keys: Keys, count: int) -> list[tuple[str, DeadLetter]]:

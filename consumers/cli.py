@@ -208,7 +208,7 @@ async def _purge(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.admin import purge
     from consumers.config import parse_duration
     from consumers.keys import Keys
-    from consumers.runtime import blob_store, require_redis_url, streams_client
+    from consumers.runtime import blob_store, registry, require_redis_url, streams_client
 
     if not settings.database_url:
         raise ConfigError("purge needs DATABASE_URL (entries are found in PostgreSQL)")
@@ -219,14 +219,20 @@ async def _purge(args: argparse.Namespace, settings: Settings) -> int:
             raise ConfigError(f"--older-than {args.older_than!r}: use e.g. 7d, 12h, 30m")
         older = parsed.total_seconds()  # type: ignore[union-attr]
     redis = streams_client(require_redis_url(settings))
+    cache_url = settings.effective_cache_redis_url or ""
+    cache_redis = redis if cache_url == settings.redis_url else streams_client(cache_url)
+    keys = Keys(settings.prefix)
     try:
-        count = await purge(redis, Keys(settings.prefix), settings.database_url,
-                            blob_store(settings), entry_ids=args.entry, prompt_like=args.prompt,
-                            older_than_s=older, everything=args.all)
+        count = await purge(redis, keys, settings.database_url,
+                            registry(cache_redis, keys, blob_store(settings), settings),
+                            entry_ids=args.entry, prompt_like=args.prompt, older_than_s=older,
+                            everything=args.all)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     finally:
         await redis.aclose()
+        if cache_redis is not redis:
+            await cache_redis.aclose()
     print(f"purged {count} entries")
     return RET_OK
 

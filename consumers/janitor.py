@@ -1,11 +1,16 @@
-"""The janitor: its own consumer group `janitor` on the change stream, one active at a time.
+"""The janitor: one active at a time (a lock with a TTL; a crashed one is replaced within it).
 
-What it does today:
-- keeps the stored-bytes account (`{prefix}:stats:stored-bytes`) from entry_stored/evicted events;
-- trims the requests and change streams with XTRIM MINID below the oldest entry that every
-  group still needs (never MAXLEN), and the results stream to `results_retention`.
-TTL expiry and the storage cap come with the janitor issue (#5); exact keys already expire in
-Redis by their TTL.
+Each pass:
+- records uses from `entry_hit` change events (its own group `janitor` on the change stream) in
+  the LRU index;
+- TTL: evicts entries unused for `ttl` (registry, exact key, blob files, and, through an
+  `entry_evicted` change event, the PostgreSQL row) — work proportional to what expired;
+- storage cap: above the high watermark (95% of the limit) evicts least recently used entries
+  down to the low watermark (90%); writers reserve bytes before writing, so the cap holds;
+- streams: XTRIM MINID below the oldest entry every group still needs (never MAXLEN), results
+  kept for `results_retention`; removes consumers idle past `consumer_idle` with nothing pending.
+On start, and every `orphan_interval`, it sweeps orphans (files no entry uses, entries whose
+file is gone) and reconciles the byte account against the store.
 """
 
 from __future__ import annotations
@@ -19,11 +24,17 @@ import structlog
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from consumers.cache.registry import EntryRegistry
 from consumers.keys import JANITOR_GROUP, Keys
+from consumers.pipeline import evicted_event
+from consumers.storage.blobs import BlobStore
 from consumers.streams import GroupReader
 from schemas.events import ChangeEvent
 
 log = structlog.get_logger(__name__)
+
+HIGH_WATERMARK = 0.95
+LOW_WATERMARK = 0.90
 
 
 def _next_id(message_id: str) -> str:
@@ -36,44 +47,54 @@ def _older(a: str, b: str) -> str:
     return a if key(a) <= key(b) else b
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 async def safe_trim_id(redis: aioredis.Redis, stream: str) -> str | None:
     """The lowest id some group still needs: everything below it may be trimmed."""
     try:
         groups = await redis.xinfo_groups(stream)
     except RedisError:
         return None
-    if not groups:
-        return None
     floor: str | None = None
     for group in groups:
-        name = group["name"]
-        last = group["last-delivered-id"]
-        last = last.decode() if isinstance(last, bytes) else last
-        candidate = _next_id(last)
+        candidate = _next_id(_text(group["last-delivered-id"]))
         if group["pending"]:
-            summary = await redis.xpending(stream, name)
-            lowest = summary["min"]
-            candidate = _older(lowest.decode() if isinstance(lowest, bytes) else lowest, candidate)
+            summary = await redis.xpending(stream, group["name"])
+            candidate = _older(_text(summary["min"]), candidate)
         floor = candidate if floor is None else _older(floor, candidate)
     return floor
 
 
 class Janitor:
     def __init__(self, *, redis: aioredis.Redis, keys: Keys, consumer: str,
+                 registry: EntryRegistry | None = None, blobs: BlobStore | None = None,
+                 ttl: timedelta = timedelta(days=30),
                  interval: timedelta = timedelta(seconds=30),
                  lock_ttl: timedelta = timedelta(seconds=60),
                  results_retention: timedelta = timedelta(days=1),
+                 consumer_idle: timedelta = timedelta(hours=1),
+                 orphan_grace: timedelta = timedelta(hours=1),
+                 orphan_interval: timedelta = timedelta(hours=1),
                  block: timedelta = timedelta(seconds=1)) -> None:
         self.redis = redis
         self.keys = keys
         self.consumer = consumer
+        self.registry = registry
+        self.blobs = blobs
+        self.ttl = ttl
         self.interval = interval
         self.lock_ttl = lock_ttl
         self.results_retention = results_retention
+        self.consumer_idle = consumer_idle
+        self.orphan_grace = orphan_grace
+        self.orphan_interval = orphan_interval
         self.reader = GroupReader(redis, keys.changes, JANITOR_GROUP, consumer,
                                   claim_idle=timedelta(seconds=60), block=block)
         self._stopping = asyncio.Event()
         self.trimmed = 0
+        self.evicted: dict[str, int] = {}
 
     def stop(self) -> None:
         self._stopping.set()
@@ -93,18 +114,23 @@ class Janitor:
     async def run(self, *, burst: bool = False) -> None:
         await self.reader.ensure_group()
         log.info("janitor_started", consumer=self.consumer, group=JANITOR_GROUP)
-        next_pass = 0.0
+        next_pass = next_sweep = 0.0
         try:
             while not self._stopping.is_set():
                 try:
                     if not await self._hold_lock():
                         await self._pause(min(self.lock_ttl.total_seconds() / 3, 5.0))
                         continue
-                    account = await self._account()
+                    if time.monotonic() >= next_sweep:
+                        await self.sweep_orphans()
+                        next_sweep = time.monotonic() + self.orphan_interval.total_seconds()
+                    touched = await self.record_uses()
                     if time.monotonic() >= next_pass:
+                        await self.enforce()
                         await self.trim_streams()
+                        await self.remove_dead_consumers()
                         next_pass = time.monotonic() + self.interval.total_seconds()
-                    if burst and not account:
+                    if burst and not touched:
                         return
                 except (RedisError, OSError) as exc:
                     log.warning("janitor_redis_error", error=str(exc))
@@ -116,28 +142,73 @@ class Janitor:
                     await self.redis.delete(self.keys.janitor_lock)
             except RedisError:
                 pass
-            log.info("janitor_stopped", consumer=self.consumer)
+            log.info("janitor_stopped", consumer=self.consumer, evicted=self.evicted)
 
-    async def _account(self) -> int:
-        deliveries = await self.reader.read(200)
-        delta = 0
+    async def record_uses(self) -> int:
+        """Read a batch of change events; hits move their entry up the LRU index."""
+        deliveries = await self.reader.read(500)
+        uses: dict[str, float] = {}
         for delivery in deliveries:
             try:
                 event = ChangeEvent.model_validate_json(delivery.fields.get(b"data", b""))
             except ValidationError:
                 continue
-            size = (event.image_bytes or 0) + (event.thumbnail_bytes or 0)
-            if event.type == "entry_stored":
-                delta += size
-            elif event.type == "entry_evicted":
-                delta -= size
+            if event.type == "entry_hit":
+                uses[event.entry_id] = max(uses.get(event.entry_id, 0.0), event.at)
+        if self.registry is not None and uses:
+            await self.registry.touch(uses)
         if deliveries:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                if delta:
-                    pipe.incrby(self.keys.stored_bytes, delta)
-                pipe.xack(self.keys.changes, JANITOR_GROUP, *[d.message_id for d in deliveries])
-                await pipe.execute()
+            await self.reader.ack(*[d.message_id for d in deliveries])
         return len(deliveries)
+
+    async def enforce(self) -> None:
+        """TTL, then the storage cap."""
+        if self.registry is None:
+            return
+        cutoff = time.time() - self.ttl.total_seconds()
+        while expired := await self.registry.expired(cutoff, limit=500):
+            for entry_id in expired:
+                await self._evict(entry_id, "ttl")
+        limit = self.registry.limit_bytes
+        if await self.registry.stored() > limit * HIGH_WATERMARK:
+            for eviction in await self.registry.evict_lru(
+                    need=int(limit * (1 - LOW_WATERMARK)), reason="storage_limit"):
+                await self._announce(eviction, "storage_limit")
+
+    async def _evict(self, entry_id: str, reason: str) -> None:
+        assert self.registry is not None
+        if (eviction := await self.registry.evict(entry_id, reason=reason)) is not None:
+            await self._announce(eviction, reason)
+
+    async def _announce(self, eviction: object, reason: str) -> None:
+        event = evicted_event(eviction, reason)  # type: ignore[arg-type]
+        await self.redis.xadd(self.keys.changes, {"data": event.model_dump_json(exclude_none=True)})
+        self.evicted[reason] = self.evicted.get(reason, 0) + 1
+
+    async def sweep_orphans(self) -> tuple[int, int]:
+        """Files no entry uses (older than the grace: writers register first, then write) and
+        entries whose file is gone; then the byte account is set from what is registered."""
+        if self.registry is None or self.blobs is None:
+            return 0, 0
+        used = await self.registry.blob_shas()
+        cutoff = time.time() - self.orphan_grace.total_seconds()
+        files = await asyncio.to_thread(self.blobs.walk)
+        removed_files = 0
+        for sha, _, path in files:
+            if sha in used:
+                continue
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed_files += 1
+            except FileNotFoundError:
+                pass
+        stored, removed_entries = await self.registry.reconcile(
+            grace_s=self.orphan_grace.total_seconds())
+        if removed_files or removed_entries:
+            log.info("orphans_removed", files=removed_files, entries=removed_entries)
+        log.info("storage_reconciled", stored_bytes=stored)
+        return removed_files, removed_entries
 
     async def trim_streams(self) -> None:
         for stream in (self.keys.requests, self.keys.generate, self.keys.changes):
@@ -147,6 +218,24 @@ class Janitor:
         cutoff = int((time.time() - self.results_retention.total_seconds()) * 1000)
         self.trimmed += await self.redis.xtrim(self.keys.results, minid=f"{cutoff}-0",
                                                approximate=False)
+
+    async def remove_dead_consumers(self) -> int:
+        removed = 0
+        idle_ms = self.consumer_idle.total_seconds() * 1000
+        for stream in (self.keys.requests, self.keys.generate, self.keys.changes):
+            try:
+                groups = await self.redis.xinfo_groups(stream)
+            except RedisError:
+                continue
+            for group in groups:
+                for consumer in await self.redis.xinfo_consumers(stream, group["name"]):
+                    if consumer["pending"] == 0 and consumer["idle"] > idle_ms:
+                        await self.redis.xgroup_delconsumer(stream, group["name"],
+                                                            consumer["name"])
+                        removed += 1
+        if removed:
+            log.info("dead_consumers_removed", count=removed)
+        return removed
 
     async def _pause(self, seconds: float) -> None:
         try:

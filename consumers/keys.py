@@ -48,10 +48,19 @@ class Keys:
     def janitor_lock(self) -> str:
         return f"{self.prefix}:janitor:lock"
 
+    # the entry registry (cache Redis): durable indexes, so no TTL
     @property
-    def stored_bytes(self) -> str:
-        return f"{self.prefix}:stats:stored-bytes"
+    def entries(self) -> str:
+        return f"{self.prefix}:cache:entries"
 
     @property
-    def counters(self) -> str:
-        return f"{self.prefix}:stats:counters"
+    def lru(self) -> str:
+        return f"{self.prefix}:cache:lru"
+
+    @property
+    def blob_refs(self) -> str:
+        return f"{self.prefix}:cache:blob-refs"
+
+    @property
+    def stored_bytes(self) -> str:
+        return f"{self.prefix}:cache:stored-bytes"

@@ -11,8 +11,10 @@ import time
 from dataclasses import dataclass, field
 
 import structlog
+from redis.exceptions import RedisError
 
 from consumers.cache.exact import CacheEntry, ExactCache
+from consumers.cache.registry import NO_ROOM, EntryRegistry, Eviction, Registered
 from consumers.errors import CacheUnavailable, RequestRejected
 from consumers.generators.base import GenerationRequest, Generator
 from consumers.prompts import (
@@ -23,7 +25,7 @@ from consumers.prompts import (
     clean_prompt,
     normalize_params,
 )
-from consumers.storage.blobs import BlobStore
+from consumers.storage.blobs import BlobStore, StoredBlob
 from consumers.thumbnails import make_thumbnail
 from schemas.events import CacheStatus, ChangeEvent, Request, Result
 
@@ -32,6 +34,18 @@ log = structlog.get_logger(__name__)
 
 def new_entry_id() -> str:
     return f"e_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+
+
+class StorageFull(Exception):
+    """Nothing could be evicted to make room: the request stays pending and is retried."""
+
+
+def evicted_event(eviction: Eviction, reason: str) -> ChangeEvent:
+    entry = eviction.entry
+    return ChangeEvent(type="entry_evicted", entry_id=entry.entry_id, at=time.time(),
+                       cache_key=entry.cache_key, blob_sha256=entry.blob,
+                       content_type=entry.content_type, image_bytes=eviction.freed,
+                       reason=reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +75,12 @@ class Pipeline:
     """
 
     def __init__(self, *, generator: Generator, exact: ExactCache | None, blobs: BlobStore,
-                 public_url: str, thumbnail_size: int = 256) -> None:
+                 public_url: str, thumbnail_size: int = 256,
+                 registry: EntryRegistry | None = None) -> None:
         self.generator = generator
         self.exact = exact
+        self.registry = registry
+        self.room_timeout_s = 30.0
         self.blobs = blobs
         self.public_url = public_url.rstrip("/")
         self.thumbnail_size = thumbnail_size
@@ -153,15 +170,19 @@ class Pipeline:
             guidance=params.guidance, sampler=params.sampler, seed=params.seed))
         generation_ms = (time.monotonic() - started) * 1000
         thumbnail = await asyncio.to_thread(make_thumbnail, image.data, self.thumbnail_size)
-        blob = await asyncio.to_thread(self.blobs.put, image.data, image.content_type, thumbnail)
-
+        blob = self.blobs.describe(image.data, image.content_type, thumbnail)
         entry = CacheEntry(entry_id=new_entry_id(), blob_sha256=blob.sha256,
                            content_type=image.content_type, width=image.width,
                            height=image.height, prompt_used=prompt_used,
                            canonical_prompt=canonical, optimizer_version=OPTIMIZER_VERSION,
                            created_at=time.time())
+        # reserve the bytes (evicting LRU entries when the cap needs it), then write
+        changes: list[ChangeEvent] = []
+        registered = cache_usable and await self._register(entry, key, blob, changes)
+        await asyncio.to_thread(self.blobs.write, blob, image.data, thumbnail)
+
         status: CacheStatus = "miss"
-        if mode == "bypass" or not cache_usable:
+        if mode == "bypass" or not registered:
             status = "bypass"
         elif self.exact is not None:
             try:
@@ -183,7 +204,34 @@ class Pipeline:
                         thumbnail_url=thumbnail_url, width=image.width, height=image.height,
                         content_type=image.content_type, prompt_used=prompt_used,
                         optimizer_version=OPTIMIZER_VERSION)
-        return Outcome(result, [stored]), entry
+        return Outcome(result, [*changes, stored]), entry
+
+    async def _register(self, entry: CacheEntry, key: str, blob: StoredBlob,
+                        changes: list[ChangeEvent]) -> bool:
+        """Record the entry in the registry (TTL, LRU, storage cap). Evictions it forced are
+        added to `changes`. False when the cache store cannot take it: the image is still
+        written and served, and the janitor's orphan sweep removes it after its grace time."""
+        if self.registry is None:
+            return True
+        record = Registered(entry.entry_id, key, blob.sha256, blob.content_type,
+                            blob.image_bytes + blob.thumbnail_bytes, entry.created_at)
+        if record.bytes > self.registry.limit_bytes:
+            log.warning("image_larger_than_storage_limit", bytes=record.bytes)
+            return False  # serve it, do not cache it (the orphan sweep removes the file)
+        deadline = time.monotonic() + self.room_timeout_s
+        try:
+            while await self.registry.register(record) == NO_ROOM:
+                evicted = await self.registry.evict_lru(need=record.bytes, reason="storage_limit")
+                changes += [evicted_event(e, "storage_limit") for e in evicted]
+                if not evicted:  # someone else is evicting (or writing): wait for room
+                    if time.monotonic() > deadline:
+                        raise StorageFull(f"no room for {record.bytes} bytes under the "
+                                          f"storage limit after {self.room_timeout_s:.0f}s")
+                    await asyncio.sleep(0.02)
+            return True
+        except (RedisError, OSError) as exc:
+            log.warning("cache_unavailable", error=str(exc))
+            return False
 
     def _hit(self, request: Request, entry: CacheEntry, tier: CacheStatus) -> Outcome:
         image_url, thumbnail_url = self._urls(entry.blob_sha256, entry.content_type)

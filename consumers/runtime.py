@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from consumers.cache.exact import ExactCache
+from consumers.cache.registry import EntryRegistry
 from consumers.config import Settings
 from consumers.errors import ConfigError
 from consumers.generators import Generator, build_generator
@@ -53,13 +54,21 @@ def blob_store(settings: Settings) -> BlobStore:
     return BlobStore(settings.images_dir, settings.thumbnails_dir)
 
 
+def registry(cache_redis: aioredis.Redis, keys: Keys, blobs: BlobStore,
+             settings: Settings) -> EntryRegistry:
+    return EntryRegistry(cache_redis, keys, blobs, limit_bytes=int(settings.storage_limit))
+
+
 def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aioredis.Redis | None,
                  generator: Generator, consumer: str | None = None) -> Worker:
     keys = Keys(settings.prefix)
+    blobs = blob_store(settings)
     pipeline = Pipeline(generator=generator,
                         exact=ExactCache(cache_redis, keys, settings.ttl) if cache_redis else None,
-                        blobs=blob_store(settings), public_url=settings.effective_public_url,
-                        thumbnail_size=settings.thumbnail_size)
+                        blobs=blobs, public_url=settings.effective_public_url,
+                        thumbnail_size=settings.thumbnail_size,
+                        registry=registry(cache_redis, keys, blobs, settings) if cache_redis
+                        else None)
     return Worker(redis=redis, keys=keys, pipeline=pipeline, consumer=consumer,
                   batch_size=settings.batch_size, max_in_flight=settings.max_in_flight,
                   generation_concurrency=settings.generation_concurrency,
@@ -101,15 +110,26 @@ async def run_worker(settings: Settings, *, burst: bool = False,
 
 
 async def run_janitor(settings: Settings, *, burst: bool = False) -> Janitor:
-    redis = streams_client(require_redis_url(settings))
-    try:
-        janitor = Janitor(redis=redis, keys=Keys(settings.prefix), consumer=consumer_name(),
-                          interval=settings.janitor_interval, lock_ttl=settings.janitor_lock_ttl,
-                          results_retention=settings.results_retention, block=settings.block)
+    keys = Keys(settings.prefix)
+    async with AsyncExitStack() as stack:
+        redis = streams_client(require_redis_url(settings))
+        stack.push_async_callback(redis.aclose)
+        cache_url = settings.effective_cache_redis_url
+        cache_redis = redis if cache_url == settings.redis_url else streams_client(cache_url or "")
+        if cache_redis is not redis:
+            stack.push_async_callback(cache_redis.aclose)
+        blobs = blob_store(settings)
+        janitor = Janitor(redis=redis, keys=keys, consumer=consumer_name(),
+                          registry=registry(cache_redis, keys, blobs, settings), blobs=blobs,
+                          ttl=settings.ttl, interval=settings.janitor_interval,
+                          lock_ttl=settings.janitor_lock_ttl,
+                          results_retention=settings.results_retention,
+                          consumer_idle=settings.consumer_idle,
+                          orphan_grace=settings.orphan_grace,
+                          orphan_interval=settings.orphan_interval, block=settings.block)
         await run_until_signal([(janitor.stop, janitor.run)], burst=burst)
         return janitor
-    finally:
-        await redis.aclose()
+    raise AssertionError("unreachable")
 
 
 async def run_until_signal(loops: list[tuple[Callable[[], None], Callable[..., Awaitable[None]]]],

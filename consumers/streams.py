@@ -154,31 +154,33 @@ class Publisher:
         """XADD result + XACK + mark done, atomically; False when the request was answered before.
 
         WATCH on the done key makes a concurrent duplicate (the same request_id delivered twice,
-        to two workers) lose the race instead of publishing a second result.
+        to two workers) lose the race instead of publishing a second result. No other
+        connection is taken while the WATCH holds one (a full pool would deadlock).
         """
+        published = False
         async with self.redis.pipeline(transaction=True) as pipe:
             try:
                 await pipe.watch(done_key)
-                if await pipe.exists(done_key):
-                    await pipe.unwatch()
-                    await self.ack(source, message_id)
-                    return False
-                pipe.multi()
-                pipe.xadd(stream, {"data": data})
-                pipe.xack(source.stream, source.group, message_id)
-                pipe.set(done_key, message_id, ex=self.done_ttl)
-                for change in changes:
-                    pipe.xadd(self.changes_stream, {"data": change})
-                await pipe.execute()
-                return True
+                if not await pipe.exists(done_key):
+                    pipe.multi()
+                    pipe.xadd(stream, {"data": data})
+                    pipe.xack(source.stream, source.group, message_id)
+                    pipe.set(done_key, message_id, ex=self.done_ttl)
+                    for change in changes:
+                        pipe.xadd(self.changes_stream, {"data": change})
+                    await pipe.execute()
+                    published = True
             except WatchError:
-                await self.ack(source, message_id)
-                return False
+                pass
+        if not published:
+            await self.ack(source, message_id)
+        return published
 
     async def dead_letter(self, source: Source, message_id: str, *, data: str,
                           result: tuple[str, str, str] | None = None) -> None:
         """XADD dead letter + XACK; with `result` = (stream, data, done_key) the request also
         gets its one `failed` result, unless it was answered before."""
+        raced = False
         async with self.redis.pipeline(transaction=True) as pipe:
             answered = False
             if result is not None:
@@ -193,8 +195,10 @@ class Publisher:
                 pipe.set(done_key, message_id, ex=self.done_ttl)
             try:
                 await pipe.execute()
-            except WatchError:  # answered meanwhile: dead-letter without a second result
-                await self.dead_letter(source, message_id, data=data)
+            except WatchError:
+                raced = True
+        if raced:  # answered meanwhile: dead-letter without a second result
+            await self.dead_letter(source, message_id, data=data)
 
 
 def now_ms() -> float:

@@ -59,3 +59,157 @@ async def test_only_one_janitor_works_at_a_time_and_a_dead_ones_lock_expires(red
     await asyncio.sleep(0.4)  # j1 "crashed": its lock ran out
     assert await second._hold_lock() and not await first._hold_lock()
     await redis.delete(keys.janitor_lock)
+
+
+# --- TTL, storage cap, orphans (with the registry) ---------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+
+from consumers.runtime import blob_store, registry, streams_client  # noqa: E402
+from tests.conftest import make_settings, wait_until  # noqa: E402
+from tests.helpers import results, running  # noqa: E402
+
+
+def _disk_bytes(settings) -> int:
+    return sum(p.stat().st_size for p in settings.data_dir.rglob("*")
+               if p.is_file() and not p.name.endswith(".tmp"))
+
+
+def _full_janitor(redis, keys, settings, consumer="j1", **kw) -> Janitor:
+    blobs = blob_store(settings)
+    return Janitor(redis=redis, keys=keys, consumer=consumer, blobs=blobs,
+                   registry=registry(redis, keys, blobs, settings), ttl=settings.ttl,
+                   interval=timedelta(milliseconds=100), block=timedelta(milliseconds=50),
+                   **kw)
+
+
+async def test_small_cap_holds_under_hundreds_of_distinct_prompts(redis, keys, tmp_path, redis_url):
+    cap = 400_000
+    settings = make_settings(tmp_path, redis_url, keys, storage_limit=cap)
+    small = {"width": 256, "height": 256}
+    await ensure_group(redis, keys.changes, "observer")  # keeps every change event untrimmed
+    for i in range(240):
+        await send(redis, keys.requests, request_id=f"cap-{i}", prompt=f"distinct scene {i}",
+                   params=small)
+    # each process has its own connection pool, as in production
+    c1, c2 = streams_client(redis_url), streams_client(redis_url)
+    w1 = worker_for(settings, c1, CountingGenerator(), consumer="w1")
+    w2 = worker_for(settings, c2, CountingGenerator(), consumer="w2")
+    janitor = _full_janitor(redis, keys, settings)
+    samples, biggest = [], 0
+    async with running(w1), running(w2):
+        jtask = asyncio.create_task(janitor.run())
+
+        async def answered() -> bool:
+            samples.append(_disk_bytes(settings))
+            return len(await results(redis, keys.results)) == 240
+
+        await wait_until(answered, timeout=120, interval=0.02)
+        janitor.stop()
+        await jtask
+    await c1.aclose()
+    await c2.aclose()
+    got = await results(redis, keys.results)
+    biggest = max(r.width for r in got)  # every request answered, all 256 px
+    one_image = max(p.stat().st_size for p in settings.images_dir.rglob("*.png"))
+    one_thumb = max(p.stat().st_size for p in settings.thumbnails_dir.rglob("*.webp"))
+    assert biggest == 256 and {r.status for r in got} == {"ok"}
+    assert max(samples) <= cap + one_image + one_thumb, (max(samples), cap)
+    reg = registry(redis, keys, blob_store(settings), settings)
+    assert _disk_bytes(settings) == await reg.stored() <= cap
+    assert await reg.count() < 240  # it really evicted
+    evicted = [e for _, e in await redis.xrange(keys.changes) if b'"entry_evicted"' in e[b"data"]]
+    assert len(evicted) >= 240 - await reg.count()
+    assert await janitor.sweep_orphans() == (0, 0)
+
+
+async def test_expired_entries_are_gone_within_one_interval(redis, keys, tmp_path, redis_url):
+    settings = make_settings(tmp_path, redis_url, keys, ttl="1s")
+    await send(redis, keys.requests, request_id="t1", prompt="a fading photograph")
+    await worker_for(settings, redis, CountingGenerator()).run(burst=True)
+    assert _disk_bytes(settings) > 0
+    time.sleep(1.2)
+    janitor = _full_janitor(redis, keys, settings)
+    await janitor.run(burst=True)
+    reg = registry(redis, keys, blob_store(settings), settings)
+    assert await reg.count() == 0 and await reg.stored() == 0
+    assert _disk_bytes(settings) == 0
+    assert not [k async for k in redis.scan_iter(match=keys.exact("*"))]
+    assert janitor.evicted == {"ttl": 1}
+    await send(redis, keys.requests, request_id="t2", prompt="a fading photograph")
+    await worker_for(settings, redis, CountingGenerator()).run(burst=True)
+    assert [r.cache for r in await results(redis, keys.results)] == ["miss", "miss"]
+
+
+async def test_hits_keep_an_entry_alive(redis, keys, tmp_path, redis_url):
+    settings = make_settings(tmp_path, redis_url, keys, ttl="2s")
+    gen = CountingGenerator()
+    await send(redis, keys.requests, request_id="h0", prompt="a well-loved picture")
+    await worker_for(settings, redis, gen).run(burst=True)
+    janitor = _full_janitor(redis, keys, settings)
+    for i in range(1, 4):
+        time.sleep(0.8)
+        await send(redis, keys.requests, request_id=f"h{i}", prompt="a well-loved picture")
+        await worker_for(settings, redis, gen).run(burst=True)
+        await janitor.run(burst=True)
+    assert [r.cache for r in await results(redis, keys.results)] == ["miss"] + ["exact"] * 3
+    assert janitor.evicted == {}
+
+
+async def test_racing_janitors_never_double_free(redis, keys, tmp_path, redis_url):
+    settings = make_settings(tmp_path, redis_url, keys, storage_limit=10_000_000)
+    for i in range(30):
+        await send(redis, keys.requests, request_id=f"r{i}", prompt=f"scene {i}",
+                   params={"width": 256, "height": 256})
+    await worker_for(settings, redis, CountingGenerator()).run(burst=True)
+    before = _disk_bytes(settings)
+    reg_a = registry(redis, keys, blob_store(settings), settings)
+    reg_b = registry(redis, keys, blob_store(settings), settings)
+    reg_a.limit_bytes = reg_b.limit_bytes = before // 3
+    # two evictors at once (a janitor restarted mid-eviction, and a writer making room)
+    await asyncio.gather(reg_a.evict_lru(reason="storage_limit"),
+                         reg_b.evict_lru(reason="storage_limit"))
+    stored = await reg_a.stored()
+    assert stored == _disk_bytes(settings) <= before // 3
+    assert stored >= 0
+
+
+async def test_orphan_files_and_entries_without_files_are_swept(redis, keys, tmp_path, redis_url):
+    settings = make_settings(tmp_path, redis_url, keys)
+    for i in range(3):
+        await send(redis, keys.requests, request_id=f"o{i}", prompt=f"orphan test {i}")
+    await worker_for(settings, redis, CountingGenerator()).run(burst=True)
+    blobs = blob_store(settings)
+    stray = blobs.put(b"not referenced by any entry", "image/png", b"thumb")
+    old = time.time() - 7200
+    for path in (blobs.image_path(stray.image_name), blobs.thumbnail_path(stray.thumbnail_name)):
+        os.utime(path, (old, old))
+    fresh = blobs.put(b"being written right now", "image/png", b"thumb2")
+    victim = (await results(redis, keys.results))[0]
+    sha = victim.image_url.rsplit("/", 1)[1].split(".")[0]
+    blobs.image_path(f"{sha}.png").unlink()
+    reg = registry(redis, keys, blobs, settings)
+    for raw_id, raw in (await redis.hgetall(keys.entries)).items():  # make entries old enough
+        record = json.loads(raw)
+        record["created"] = time.time() - 7200
+        await redis.hset(keys.entries, raw_id, json.dumps(record))
+    janitor = _full_janitor(redis, keys, settings)
+    files, entries = await janitor.sweep_orphans()
+    assert (files, entries) == (2, 1)
+    assert blobs.image_path(fresh.image_name).exists()  # inside the grace time: kept
+    assert await reg.count() == 2
+    assert await reg.stored() == _disk_bytes(settings) - fresh.image_bytes - fresh.thumbnail_bytes
+
+
+async def test_idle_consumers_with_nothing_pending_are_removed(redis, keys, settings):
+    await ensure_group(redis, keys.requests, REQUESTS_GROUP)
+    await redis.xreadgroup(REQUESTS_GROUP, "gone#1", {keys.requests: ">"}, count=1)
+    await send(redis, keys.requests, request_id="held", prompt="x")
+    await redis.xreadgroup(REQUESTS_GROUP, "busy#2", {keys.requests: ">"}, count=1)
+    time.sleep(0.3)
+    janitor = _full_janitor(redis, keys, settings, consumer_idle=timedelta(milliseconds=200))
+    assert await janitor.remove_dead_consumers() == 1
+    names = [c["name"] for c in await redis.xinfo_consumers(keys.requests, REQUESTS_GROUP)]
+    assert names == [b"busy#2"]

@@ -72,22 +72,46 @@ class BlobStore:
         path = self._shard(root, name).resolve()
         return path if path.is_relative_to(root) else None
 
-    def put(self, data: bytes, content_type: str, thumbnail: bytes) -> StoredBlob:
-        """Store an image and its thumbnail (sync; run in a thread). Idempotent."""
+    @staticmethod
+    def describe(data: bytes, content_type: str, thumbnail: bytes) -> StoredBlob:
+        """Name and sizes of an image before it is written (to reserve its bytes first)."""
         if content_type not in EXTENSIONS:
             raise ValueError(f"unsupported content type {content_type!r}")
-        blob = StoredBlob(hashlib.sha256(data).hexdigest(), content_type, len(data), len(thumbnail))
+        return StoredBlob(hashlib.sha256(data).hexdigest(), content_type, len(data),
+                          len(thumbnail))
+
+    def put(self, data: bytes, content_type: str, thumbnail: bytes) -> StoredBlob:
+        """Store an image and its thumbnail (sync; run in a thread). Idempotent."""
+        blob = self.describe(data, content_type, thumbnail)
+        self.write(blob, data, thumbnail)
+        return blob
+
+    def write(self, blob: StoredBlob, data: bytes, thumbnail: bytes) -> None:
         image = self._shard(self.images_dir, blob.image_name)
         if not image.exists():
             _write_atomic(image, data)
         thumb = self._shard(self.thumbnails_dir, blob.thumbnail_name)
         if not thumb.exists():
             _write_atomic(thumb, thumbnail)
-        return blob
 
     def exists(self, sha256: str, content_type: str) -> bool:
         name = f"{sha256}.{EXTENSIONS.get(content_type, 'png')}"
         return self._shard(self.images_dir, name).exists()
+
+    def walk(self) -> list[tuple[str, str, Path]]:
+        """Every stored file as (sha256, content type, path): images, thumbnails, leftovers."""
+        found = []
+        for root in (self.images_dir, self.thumbnails_dir):
+            if not root.is_dir():
+                continue
+            for path in root.glob("*/*/*"):
+                match = _NAME.match(path.name)
+                if match:
+                    kind = CONTENT_TYPES[match["ext"]] if root == self.images_dir else "thumbnail"
+                    found.append((match["sha"], kind, path))
+                elif path.name.endswith(".tmp"):
+                    found.append(("", "temporary", path))
+        return found
 
     def delete(self, sha256: str, content_type: str) -> int:
         """Remove an image and its thumbnail; returns the bytes freed. Safe to repeat."""

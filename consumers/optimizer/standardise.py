@@ -1,0 +1,344 @@
+"""Standardise a prompt: the text the generator is sent and (lower-cased by
+`consumers.prompts.canonical_prompt`) the text the cache key is made of. Pure, no I/O.
+
+Steps, each recorded in `Standardised.changes` when it changed something:
+
+1. Unicode: NFKC, then every control, format, surrogate, private-use and unassigned code point
+   becomes a space (a lone surrogate cannot even be encoded to UTF-8).
+2. `consumers.prompts.clean_prompt`: whitespace, typographic quotes and dashes, repeated and
+   dangling punctuation, spacing around commas.
+3. Weighting syntax (`(word)`, `((word))`, `[word]`, `(word:1.2)`, A1111 style): kept where it is
+   valid, repaired where it is not (an unmatched bracket is dropped), empty groups removed, explicit
+   weights clamped so the effective weight (the product over nested groups) stays within
+   [WEIGHT_MIN, WEIGHT_MAX], and nesting that would go past that range unwrapped.
+4. Spelling variants of frequent terms folded to one spelling (`_FOLDS`), outside double quotes
+   (quoted text is drawn as written).
+5. Duplicate comma-separated tags dropped (case-insensitive; the first is kept).
+
+Raises `PromptRejected` when nothing is left: `empty_prompt` (only whitespace, punctuation or
+control characters) or `invalid_prompt` (only weighting syntax, only stop words).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+from consumers.prompts import clean_prompt
+
+WEIGHT_MIN = 0.1
+WEIGHT_MAX = 2.0
+_STEP = 1.1  # A1111: "(x)" multiplies attention by 1.1, "[x]" divides by it
+_EPS = 1e-9
+
+
+class PromptRejected(ValueError):
+    """Nothing usable is left of the prompt. `code` is `empty_prompt` or `invalid_prompt`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Standardised:
+    text: str
+    changes: tuple[str, ...]
+
+
+# Spelling variants measured in ../shared/data/prompts (15,498 prompts; counts in the comments).
+# Only variants that ask for the same picture: hyphenation, spacing and misspellings. Entries
+# marked "same tokens" also give CLIP the same token ids (CLIP ignores whitespace, and digits are
+# single tokens), so folding them changes only the cache key. Not folded on purpose: "hd" vs "high
+# definition", "realistic" vs "realism", "unreal engine" vs "unreal engine 5", "photoreal".
+_SEP = r"(?:\s*-\s*|\s+)"  # "a-b", "a - b", "a b"
+_FOLD_TABLE: tuple[tuple[str, str], ...] = (
+    (rf"photo{_SEP}realistic", "photorealistic"),          # 363 vs 44 + 7
+    (rf"hyper{_SEP}realistic", "hyperrealistic"),          # 241 vs 184 + 37
+    (rf"hyper{_SEP}realism", "hyperrealism"),              # 114 vs 105 + few
+    (r"ultra\s*-\s*realistic|ultrarealistic", "ultra realistic"),  # 178 vs 22 + 5
+    (r"hyper\s*-\s*detailed|hyperdetailed", "hyper detailed"),     # 200 vs 103 + 24
+    (r"highly\s*-\s*detailed", "highly detailed"),         # 1659 vs 11
+    (r"ultra\s*-\s*detailed|ultradetailed", "ultra detailed"),     # 129 vs 26
+    (r"(?<!\d\s)(?<![\d.])8\s+k", "8k"),                   # 897 "8 k" vs 411; same tokens
+    (r"(?<!\d\s)(?<![\d.])4\s+k", "4k"),                   # 460 vs 267; same tokens
+    (r"(?<!\d\s)(?<![\d.])3\s*-?\s*d(?=\s|,|$)", "3d"),     # 258 "3 d" vs 107; same tokens
+    (r"art\s+station", "artstation"),                      # 2408 vs 64
+    (r"deviant\s+art", "deviantart"),                      # 110 vs 7
+    (r"cg\s+society", "cgsociety"),                        # 164 vs 4
+    (r"ue\s*5|unreal\s+engine5", "unreal engine 5"),       # 194 vs 7
+    (r"ue\s*4|unreal\s+engine4", "unreal engine 4"),
+    (r"octanerender", "octane render"),                    # 796 vs 1
+    (rf"sci{_SEP}fi|scifi", "sci-fi"),                     # 120 "sci - fi", 107, 76, 46
+    (rf"cyber{_SEP}punk", "cyberpunk"),                    # 447 vs 4
+    (rf"steam{_SEP}punk", "steampunk"),                    # 82 vs 1
+    (r"ray\s*-\s*tracing|raytracing", "ray tracing"),      # 131 vs 46
+    (r"ray\s*-\s*traced|raytraced", "ray traced"),         # 6 vs 8
+    (r"depth\s*-\s*of\s*-\s*field", "depth of field"),     # 152 vs 1
+    (r"conceptart", "concept art"),                        # 1310 vs 2
+    (r"mattepainting", "matte painting"),                  # 186 vs 3
+    (r"digitalart", "digital art"),
+    (r"greg\s+rutkowsky|greg\s+rutkowksi", "greg rutkowski"),  # 1369 vs 5
+    (r"(?<!\d\s)(\d{2,3})\s+mm", r"\1mm"),                 # 33 "35mm" vs 3; same tokens
+)
+_FOLDS = tuple((re.compile(rf"(?<![\w-])(?:{pattern})(?![\w-])", re.IGNORECASE), repl)
+               for pattern, repl in _FOLD_TABLE)
+_FOLD_HINT = re.compile(r"realis|detailed|\d\s|\dmm|art\s*station|deviant|cg\s|ue\s*\d|unreal|"
+                        r"octanerender|sci|punk|ray|depth|conceptart|mattepainting|digitalart|"
+                        r"rutkow|3\s*-", re.IGNORECASE)
+
+STOP_WORDS = frozenset(
+    "a an the of and or but in on at to with without by for from into onto over under up down "
+    "is are was were be been being it its this that these those as very some any no not so "
+    "then than there here i me my we our you your he him his she her they them their".split())
+
+_QUOTED = re.compile(r'("[^"]*")')
+_CONTENT = re.compile(r"[^\W_]")  # a letter or digit, any script
+_WORD = re.compile(r"[^\W_]+")
+_SPACES = re.compile(r"\s+")
+_WEIGHT_TAIL = re.compile(r":\s*([+-]?[\d.]+)\s*")
+_PAIRS = {")": "(", "]": "["}
+
+
+def _has_content(text: str) -> bool:
+    """A letter or digit, or a non-ASCII symbol (emoji, ©): something to draw."""
+    if _CONTENT.search(text):
+        return True
+    return any(ord(c) > 127 and unicodedata.category(c)[0] == "S" for c in text)
+
+
+def _unicode(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text)
+    if text.isprintable():  # the common case, checked in C
+        return text
+    return "".join(c if c.isprintable() or c in "\t\n\r" else " " for c in text)
+
+
+def _pair_brackets(text: str) -> tuple[dict[int, int], int]:
+    """Matching bracket positions (opener -> closer, closer -> opener) and how many were dropped.
+
+    A closer whose opener is deeper in the stack closes it and drops the openers above it; a
+    closer with no opener of its kind open is dropped; openers left at the end are dropped.
+    Escaped brackets (`\\(`) are text. Linear: every opener is pushed and popped once.
+    """
+    partner: dict[int, int] = {}
+    stack: list[int] = []
+    open_count = {"(": 0, "[": 0}
+    dropped = 0
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c in "([":
+            stack.append(i)
+            open_count[c] += 1
+        elif c in ")]":
+            want = _PAIRS[c]
+            if open_count[want] == 0:
+                dropped += 1
+            else:
+                while True:
+                    j = stack.pop()
+                    open_count[text[j]] -= 1
+                    if text[j] == want:
+                        partner[j], partner[i] = i, j
+                        break
+                    dropped += 1
+        i += 1
+    return partner, dropped + len(stack)
+
+
+def _fmt_weight(w: float) -> str:
+    return f"{w:.2f}".rstrip("0").rstrip(".")
+
+
+class _Frame:
+    """One open weighting group while `_weights` walks the text."""
+
+    __slots__ = ("close", "content", "cum", "end", "kind", "out", "weight")
+
+    def __init__(self, *, end: int, close: int, cum: float, kind: str,
+                 weight: float | None) -> None:
+        self.end, self.close, self.cum, self.kind, self.weight = end, close, cum, kind, weight
+        self.out: list[str] = []
+        self.content = False
+
+    def render(self) -> str:
+        body = "".join(self.out).strip()
+        if self.kind == "":
+            return body
+        if self.weight is not None:
+            return f"({body}:{_fmt_weight(self.weight)})"
+        return f"({body})" if self.kind == "(" else f"[{body}]"
+
+
+def _open(text: str, i: int, close: int, parent: _Frame, counts: dict[str, int]) -> _Frame:
+    """The frame for the group text[i]..text[close]: its kind, weight and cumulative weight."""
+    c, end, weight = text[i], close, None
+    kind, factor = c, (_STEP if c == "(" else 1 / _STEP)
+    colon = text.rfind(":", max(i + 1, close - 24), close)
+    if c == "(" and colon >= 0 and _WEIGHT_TAIL.fullmatch(text, colon, close):
+        end = colon
+        try:
+            written = float(text[colon + 1:close].strip())
+        except ValueError:  # "1.2.3" is no number: keep the group at weight 1
+            written = 1.0
+            counts["clamped"] += 1
+        w = min(max(written, WEIGHT_MIN), WEIGHT_MAX)
+        w = round(min(max(w, WEIGHT_MIN / parent.cum), WEIGHT_MAX / parent.cum), 2)
+        if abs(w - written) > _EPS:
+            counts["clamped"] += 1
+        weight, factor = w, w
+    elif c == "[" and (text.find(":", i + 1, close) >= 0 or text.find("|", i + 1, close) >= 0):
+        kind, factor = "[", 1.0  # prompt editing `[a:b:0.5]` / alternation `[a|b]`: no weight
+    cum = parent.cum * factor
+    if weight is None and not WEIGHT_MIN - _EPS <= cum <= WEIGHT_MAX + _EPS:
+        kind, cum = "", parent.cum  # one more level would leave the range: unwrap it
+        counts["unwrapped"] += 1
+    return _Frame(end=end, close=close, cum=cum, kind=kind, weight=weight)
+
+
+def _weights(text: str, changes: list[str]) -> str:
+    """Repair, clamp and tidy the weighting syntax (step 3). Iterative, so any depth is safe."""
+    if not any(c in text for c in "()[]"):
+        return text
+    partner, dropped = _pair_brackets(text)
+    if dropped:
+        changes.append(f"dropped {dropped} unmatched bracket(s)")
+    stack = [_Frame(end=len(text), close=len(text), cum=1.0, kind="", weight=None)]
+    counts = {"clamped": 0, "unwrapped": 0, "emptied": 0}
+    i, n = 0, len(text)
+    while i < n:
+        c, top = text[i], stack[-1]
+        if c == "\\" and i + 1 < n:
+            top.out.append(text[i:i + 2])
+            top.content = True
+            i += 2
+        elif c in "([" and i in partner:
+            frame = _open(text, i, partner[i], top, counts)
+            stack.append(frame)
+            i += 1
+            while i < frame.end and text[i].isspace():
+                i += 1
+        elif len(stack) > 1 and i == top.end:  # the group's text ends here
+            stack.pop()
+            if top.content:
+                stack[-1].out.append(top.render())
+                stack[-1].content = True
+            else:
+                counts["emptied"] += 1
+            i = top.close + 1
+        elif c in "()[]":  # unmatched: dropped
+            i += 1
+        else:
+            top.out.append(c)
+            if not top.content and (c.isalnum() or (ord(c) > 127 and _has_content(c))):
+                top.content = True
+            i += 1
+    if counts["clamped"]:
+        changes.append(f"clamped {counts['clamped']} weight(s) to [{WEIGHT_MIN}, {WEIGHT_MAX}]")
+    if counts["unwrapped"]:
+        changes.append(f"unwrapped {counts['unwrapped']} bracket level(s) past the weight range")
+    if counts["emptied"]:
+        changes.append(f"removed {counts['emptied']} empty weighting group(s)")
+    return "".join(stack[0].out)
+
+
+def _fold(text: str, changes: list[str]) -> str:
+    """Step 4: one spelling for each frequent term, outside double-quoted text."""
+    if not _FOLD_HINT.search(text):
+        return text
+
+    def sub(match: re.Match[str], repl: str) -> str:
+        new = match.expand(repl)
+        if match[0].lower() == new.lower():  # already this spelling: keep the user's case
+            return match[0]
+        changes.append(f"spelling: {match[0]!r} -> {new!r}")
+        return new
+
+    parts = _QUOTED.split(text)
+    for k in range(0, len(parts), 2):  # even parts are outside quotes
+        for pattern, repl in _FOLDS:
+            parts[k] = pattern.sub(lambda m, r=repl: sub(m, r), parts[k])  # type: ignore[misc]
+    return "".join(parts)
+
+
+def split_tags(text: str) -> list[str]:
+    """Comma-separated tags at the top level. A comma inside brackets or double quotes, or
+    between two digits ("1,000"), does not split."""
+    tags: list[str] = []
+    depth, quoted, start = 0, False, 0
+    last = len(text) - 1
+    for i, c in enumerate(text):
+        if c == '"':
+            quoted = not quoted
+        elif quoted:
+            continue
+        elif c in "([":
+            depth += 1
+        elif c in ")]":
+            depth = max(depth - 1, 0)
+        elif (c == "," and depth == 0
+              and not (0 < i < last and text[i - 1].isdigit() and text[i + 1].isdigit())):
+            tags.append(text[start:i].strip())
+            start = i + 1
+    tags.append(text[start:].strip())
+    return [t for t in tags if t]
+
+
+def _dedupe(text: str, changes: list[str]) -> str:
+    """Step 5: drop repeated comma-separated tags, case-insensitively, keeping the first."""
+    if "," not in text:
+        return text
+    seen: set[str] = set()
+    kept: list[str] = []
+    removed: dict[str, int] = {}
+    for tag in split_tags(text):
+        key = _SPACES.sub(" ", tag.lower())
+        if key in seen:
+            removed[key] = removed.get(key, 0) + 1
+            continue
+        seen.add(key)
+        kept.append(tag)
+    if removed:
+        listed = ", ".join(f"{k!r}" + (f" x{n}" if n > 1 else "")
+                           for k, n in list(removed.items())[:5])
+        more = f" and {len(removed) - 5} more" if len(removed) > 5 else ""
+        changes.append(f"duplicate tags removed: {listed}{more}")
+    return ", ".join(kept)
+
+
+def only_stop_words(text: str) -> bool:
+    """True when every word is a stop word (and there is no other symbol to draw)."""
+    words = _WORD.findall(text.lower())
+    return bool(words) and all(w in STOP_WORDS for w in words) and not any(
+        ord(c) > 127 and unicodedata.category(c)[0] == "S" for c in text)
+
+
+def standardise(prompt: str) -> Standardised:
+    """The standardised prompt and what changed; raises PromptRejected when nothing is left."""
+    changes: list[str] = []
+    text = _unicode(prompt)
+    if text != prompt:
+        changes.append("unicode normalised (NFKC, control characters)")
+    cleaned = clean_prompt(text)
+    if not _has_content(cleaned):
+        raise PromptRejected("empty_prompt", "the prompt is empty after standardisation "
+                             "(only whitespace, punctuation or control characters)")
+    text = _weights(cleaned, changes)
+    if not _has_content(text):
+        raise PromptRejected("invalid_prompt", "the prompt is only weighting syntax")
+    text = _dedupe(_fold(text, changes), changes)
+    text = clean_prompt(text)  # removals above can leave ", ," or spaces behind
+    if cleaned != _unicode(prompt):
+        changes.insert(0, "whitespace and punctuation")
+    if only_stop_words(text):
+        raise PromptRejected("invalid_prompt", "the prompt has only stop words "
+                             "(a, the, of, ...): nothing to draw")
+    if not _has_content(text):
+        raise PromptRejected("empty_prompt", "the prompt is empty after standardisation")
+    return Standardised(text, tuple(changes))

@@ -1,0 +1,1 @@
+"""Semantic cache tier: embedding lookup guarded by a picture-difference verifier."""
