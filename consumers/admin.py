@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -13,6 +14,7 @@ from psycopg.rows import dict_row
 from consumers.keys import GENERATE_GROUP, JANITOR_GROUP, PERSISTER_GROUP, REQUESTS_GROUP, Keys
 from consumers.cache.registry import EntryRegistry
 from consumers.pipeline import evicted_event
+from consumers.storage import stats
 from schemas.events import ChangeEvent, DeadLetter
 
 
@@ -42,19 +44,19 @@ async def stream_stats(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
     return out
 
 
-def database_stats(database_url: str) -> dict[str, Any]:
+def database_stats(database_url: str, since: timedelta = timedelta(hours=24)) -> dict[str, Any]:
+    """Entries now, and the hourly rollups of the last `since`."""
     with psycopg.connect(database_url, row_factory=dict_row, connect_timeout=5) as conn:
-        totals = conn.execute(
+        entries = conn.execute(
             "SELECT count(*) AS entries, coalesce(sum(image_bytes + thumbnail_bytes), 0)::bigint"
-            " AS bytes, coalesce(sum(hit_count), 0)::bigint AS hits,"
-            " round(coalesce(sum(generation_ms * hit_count), 0)::numeric / 1000, 1)"
-            " AS generator_seconds_saved FROM cache_entries").fetchone() or {}
-        tiers = conn.execute(
-            "SELECT tier, count(*) AS hits,"
-            " round(percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms)::numeric, 1) AS p50_ms,"
-            " round(percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms)::numeric, 1) AS p99_ms"
-            " FROM cache_hits GROUP BY tier ORDER BY tier").fetchall()
-    return {**totals, "hits_by_tier": tiers}
+            " AS bytes FROM cache_entries").fetchone() or {}
+        rows = conn.execute("SELECT * FROM stats_hourly WHERE hour >= now() - %s",
+                            (since,)).fetchall()
+        evictions = conn.execute(
+            "SELECT reason, sum(evictions)::bigint AS evictions, sum(bytes_freed)::bigint"
+            " AS bytes_freed FROM evictions_hourly WHERE hour >= now() - %s GROUP BY reason",
+            (since,)).fetchall()
+    return {**entries, **stats.summarise(rows, evictions, since)}
 
 
 def render_stats(streams: dict[str, Any], db: dict[str, Any] | None) -> str:
@@ -72,13 +74,25 @@ def render_stats(streams: dict[str, Any], db: dict[str, Any] | None) -> str:
         lines.append("  none reporting")
     lines.append(f"cache: {streams['entries']:,} entries, {streams['stored_bytes']:,} bytes stored")
     if db is not None:
-        lines.append("database")
-        lines.append(f"  entries {db['entries']:,}   bytes {db['bytes']:,}   hits {db['hits']:,}"
-                     f"   generator seconds saved {db['generator_seconds_saved']}")
-        for row in db["hits_by_tier"]:
-            lines.append(f"  {row['tier']:<10} hits {row['hits']:<8} p50 {row['p50_ms']} ms"
-                         f"   p99 {row['p99_ms']} ms")
+        hit_rate = f"{db['hit_rate']:.1%}" if db["hit_rate"] is not None else "-"
+        lines += [
+            f"last {db['since_hours']:g} hours (PostgreSQL rollups)",
+            f"  requests {db['requests']:,}   hit rate {hit_rate}   generator calls"
+            f" {db['generator_calls']:,} made, {db['generator_calls_avoided']:,} avoided"
+            f" ({db['generator_seconds_avoided']:,} s saved)   bytes stored {db['bytes_stored']:,}",
+            f"  {'tier':<12}{'requests':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}"]
+        for tier, row in db["by_tier"].items():
+            lines.append(f"  {tier:<12}{row['requests']:>10,}{_ms(row['p50_ms'])}"
+                         f"{_ms(row['p95_ms'])}{_ms(row['p99_ms'])}")
+        for reason, row in db["evictions"].items():
+            lines.append(f"  evicted ({reason}): {row['evictions']:,} entries,"
+                         f" {row['bytes_freed']:,} bytes")
+        lines.append(f"  entries in PostgreSQL {db['entries']:,} ({db['bytes']:,} bytes)")
     return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:>10.1f}" if value is not None else f"{'-':>10}"
 
 
 async def purge(redis: aioredis.Redis, keys: Keys, database_url: str,

@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
     stats = sub.add_parser("stats", help="streams, workers and cache statistics")
     stats.add_argument("--json", action="store_true")
+    stats.add_argument("--since", default="24h", metavar="DURATION",
+                       help="how far back the hourly rollups go (default 24h; e.g. 7d, 30d)")
 
     purge = sub.add_parser("purge", help="evict cache entries")
     purge.add_argument("--entry", action="append", default=None, metavar="ENTRY_ID")
@@ -183,6 +185,7 @@ async def _submit(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _stats(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.admin import database_stats, render_stats, stream_stats
+    from consumers.config import parse_duration
     from consumers.keys import Keys
     from consumers.runtime import require_redis_url, streams_client
 
@@ -191,10 +194,13 @@ async def _stats(args: argparse.Namespace, settings: Settings) -> int:
         streams = await stream_stats(redis, Keys(settings.prefix))
     finally:
         await redis.aclose()
+    since = parse_duration(args.since)
+    if not hasattr(since, "total_seconds"):
+        raise ConfigError(f"--since {args.since!r}: use e.g. 24h, 7d")
     db = None
     if settings.database_url:
         try:
-            db = await asyncio.to_thread(database_stats, settings.database_url)
+            db = await asyncio.to_thread(database_stats, settings.database_url, since)  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - the report shows what it could read
             print(f"database unavailable: {exc}", file=sys.stderr)
     if args.json:

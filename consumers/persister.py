@@ -7,6 +7,7 @@ yet read) and are written, idempotently, once it is back.
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 
 import psycopg
@@ -33,6 +34,7 @@ class Persister:
         self.reader = GroupReader(redis, keys.changes, PERSISTER_GROUP, consumer,
                                   claim_idle=claim_idle, block=block)
         self.written = 0
+        self._next_prune = 0.0
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -55,7 +57,8 @@ class Persister:
             for delivery in deliveries:
                 ids.append(delivery.message_id)
                 try:
-                    events.append(ChangeEvent.model_validate_json(delivery.fields.get(b"data", b"")))
+                    events.append((delivery.message_id, ChangeEvent.model_validate_json(
+                        delivery.fields.get(b"data", b""))))
                 except ValidationError as exc:
                     log.error("change_event_unreadable", message_id=delivery.message_id,
                               error=str(exc))
@@ -63,8 +66,14 @@ class Persister:
                 return  # stopped while the database was down: the batch stays pending
             await self.reader.ack(*ids)
             self.written += len(events)
+            if time.monotonic() >= self._next_prune:
+                self._next_prune = time.monotonic() + 600
+                try:
+                    await self.store.prune_applied()
+                except (psycopg.Error, OSError) as exc:
+                    log.warning("prune_failed", error=str(exc))
 
-    async def _write(self, events: list[ChangeEvent]) -> bool:
+    async def _write(self, events: list[tuple[str, ChangeEvent]]) -> bool:
         """Retry the batch with backoff until it is written (True) or we are told to stop."""
         delay = 0.5
         while True:

@@ -175,7 +175,7 @@ class Pipeline:
                            content_type=image.content_type, width=image.width,
                            height=image.height, prompt_used=prompt_used,
                            canonical_prompt=canonical, optimizer_version=OPTIMIZER_VERSION,
-                           created_at=time.time())
+                           created_at=time.time(), generation_ms=round(generation_ms, 1))
         # reserve the bytes (evicting LRU entries when the cap needs it), then write
         changes: list[ChangeEvent] = []
         registered = cache_usable and await self._register(entry, key, blob, changes)
@@ -241,5 +241,5 @@ class Pipeline:
                         content_type=entry.content_type, prompt_used=entry.prompt_used,
                         optimizer_version=entry.optimizer_version)
         hit = ChangeEvent(type="entry_hit", entry_id=entry.entry_id, at=time.time(), tier=tier,
-                          request_id=request.request_id)
+                          request_id=request.request_id, generation_ms=entry.generation_ms)
         return Outcome(result, [hit])

@@ -45,7 +45,15 @@ from consumers.streams import (
     is_nogroup,
     now_ms,
 )
-from schemas.events import DeadLetter, ErrorInfo, GenerationJob, Request, Result, Status
+from schemas.events import (
+    ChangeEvent,
+    DeadLetter,
+    ErrorInfo,
+    GenerationJob,
+    Request,
+    Result,
+    Status,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -320,8 +328,12 @@ class Worker:
                        reply_to: str | None, outcome: Outcome) -> None:
         latency = round(now_ms() - entry_time_ms(origin_id), 2)
         result = outcome.result.model_copy(update={"latency_ms": latency})
+        answered = ChangeEvent(type="request_answered", entry_id=result.entry_id or "",
+                               at=time.time(), request_id=result.request_id, tier=result.cache,
+                               status=result.status,
+                               reason=result.error.code if result.error else None)
         changes = [c.model_copy(update={"latency_ms": latency}).model_dump_json(exclude_none=True)
-                   for c in outcome.changes]
+                   for c in (*outcome.changes, answered)]
         published = await self.publisher.publish_result(
             source, message_id, done_key=self.keys.done(result.request_id),
             stream=reply_to or self.keys.results, data=result.model_dump_json(), changes=changes)

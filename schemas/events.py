@@ -139,7 +139,7 @@ class ChangeEvent(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    type: Literal["entry_stored", "entry_hit", "entry_evicted"]
+    type: Literal["entry_stored", "entry_hit", "entry_evicted", "request_answered"]
     entry_id: str
     at: float
     cache_key: str | None = None
@@ -159,4 +159,5 @@ class ChangeEvent(BaseModel):
     thumbnail_bytes: int | None = None
     generation_ms: float | None = None
     latency_ms: float | None = None
-    reason: str | None = None
+    reason: str | None = None  # eviction reason, or the error code of a request_answered
+    status: Status | None = None  # request_answered: the result's status

@@ -66,7 +66,8 @@ def database_url(postgres_server: EmbeddedPostgres | None) -> str:
 def db(database_url: str) -> Iterator[str]:
     yield database_url
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("TRUNCATE cache_entries, cache_hits")
+        conn.execute("TRUNCATE cache_entries, cache_hits, applied_changes, stats_hourly,"
+                     " evictions_hourly")
 
 
 @pytest.fixture

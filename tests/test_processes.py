@@ -177,8 +177,12 @@ def test_up_serves_the_demo_submit_stats_and_purge_then_stops_cleanly(tmp_path):
 
         _wait(lambda: (stats()["database"] or {}).get("entries") == 4, 20,
               "the persister to write four entries")
-        assert stats()["database"]["hits"] == 4
-        assert "workers (last health report)" in _cli("stats", env=env_client).stdout
+        figures = stats()["database"]
+        assert figures["by_tier"]["exact"]["requests"] == 4 and figures["by_tier"]["miss"][
+            "requests"] == 4 and figures["hit_rate"] == 0.5 and figures["generator_calls"] == 4
+        assert figures["generator_calls_avoided"] == 4 and figures["bytes_stored"] > 0
+        table = _cli("stats", env=env_client).stdout
+        assert "workers (last health report)" in table and "hit rate 50.0%" in table, table
         purged = _cli("purge", "--prompt", "origami", env=env_client)
         assert purged.stdout.strip() == "purged 1 entries", purged.stderr
         _wait(lambda: stats()["database"]["entries"] == 3, 20, "the purge to reach the database")

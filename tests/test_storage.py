@@ -15,7 +15,7 @@ from consumers.keys import PERSISTER_GROUP
 from consumers.persister import Persister
 from consumers.storage.blobs import BlobStore
 from consumers.storage.db import MetadataStore
-from consumers.storage.migrate import MigrationError, apply
+from consumers.storage.migrate import MigrationError, apply, discover
 from tests.conftest import MIGRATIONS, wait_until
 from tests.helpers import CountingGenerator, results, send, worker_for
 
@@ -29,11 +29,13 @@ def _fresh_database(admin_url: str) -> str:
 
 def test_migrations_apply_once_in_order_and_are_recorded(database_url, tmp_path):
     url = _fresh_database(database_url)
-    assert apply(url, MIGRATIONS) == ["0001"]
+    everything = [m.version for m in discover(MIGRATIONS)]
+    assert everything[:2] == ["0001", "0002"]
+    assert apply(url, MIGRATIONS) == everything
     assert apply(url, MIGRATIONS) == []  # second run: nothing to do
     with psycopg.connect(url) as conn:
-        rows = conn.execute("SELECT version, name FROM schema_migrations").fetchall()
-        assert rows == [("0001", "cache_entries")]
+        rows = conn.execute("SELECT version, name FROM schema_migrations ORDER BY 1").fetchall()
+        assert rows[:2] == [("0001", "cache_entries"), ("0002", "stats_hourly")]
         assert conn.execute("SELECT to_regclass('cache_entries')").fetchone()[0] == "cache_entries"
 
 
@@ -52,14 +54,15 @@ def test_concurrent_migrators_apply_each_file_once(database_url, tmp_path):
     url = _fresh_database(database_url)
     copy = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS, copy)
-    (copy / "0002_slow.sql").write_text("SELECT pg_sleep(0.5); CREATE TABLE only_once (x int);")
+    (copy / "0999_slow.sql").write_text("SELECT pg_sleep(0.5); CREATE TABLE only_once (x int);")
 
     async def both() -> list[list[str]]:
         return await asyncio.gather(asyncio.to_thread(apply, url, copy),
                                     asyncio.to_thread(apply, url, copy))
 
     outcomes = asyncio.run(both())
-    assert sorted(map(tuple, outcomes)) == [(), ("0001", "0002")]
+    assert sorted(map(tuple, outcomes)) == [(), (*[m.version for m in discover(MIGRATIONS)],
+                                                 "0999")]
 
 
 def test_badly_named_migration_is_an_error(tmp_path):
@@ -83,8 +86,12 @@ async def test_persister_writes_entries_and_hits_idempotently(redis, keys, setti
     await redis.xgroup_setid(keys.changes, PERSISTER_GROUP, "0")
     await persister.run(burst=True)
     await store.aclose()
-    assert len(events) == 2
+    assert len(events) == 4  # stored + answered, hit + answered
     with psycopg.connect(db) as conn:
+        stats = conn.execute("SELECT tier, status, requests, generator_calls,"
+                             " generator_seconds_avoided > 0, bytes_stored > 0"
+                             " FROM stats_hourly ORDER BY tier").fetchall()
+        assert stats == [("exact", "ok", 1, 0, True, False), ("miss", "ok", 1, 1, False, True)]
         entries = conn.execute("SELECT entry_id, prompt, hit_count, image_bytes, params->>'model'"
                                " FROM cache_entries").fetchall()
         hits = conn.execute("SELECT request_id, tier FROM cache_hits").fetchall()

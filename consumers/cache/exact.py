@@ -29,13 +29,15 @@ class CacheEntry:
     canonical_prompt: str
     optimizer_version: str
     created_at: float
+    generation_ms: float = 0.0  # what a hit on this entry saves
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> CacheEntry:
-        return cls(**json.loads(raw))
+        data = json.loads(raw)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 class ExactCache:

@@ -20,12 +20,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from consumers.errors import RequestRejected
-from consumers.optimizer.enhance import STYLES, enhance
+from consumers.optimizer.enhance import STYLES
+from consumers.optimizer.enhance import enhance as _enhance
 from consumers.optimizer.policy import ALLOW_ALL, PolicySettings, Violation, check
-from consumers.optimizer.standardise import PromptRejected, split_tags, standardise
+from consumers.optimizer.standardise import PromptRejected, split_tags
+from consumers.optimizer.standardise import standardise as _standardise
 from consumers.optimizer.tokens import WINDOW, count, fits, window_text
 from consumers.optimizer.tokens import fit as fit_window
 from consumers.prompts import canonical_prompt
+
+# (`standardise` and `enhance` are imported under other names so that
+# `consumers.optimizer.standardise` stays the module.)
 
 # Bumped whenever a rule here changes what a prompt turns into; part of every cache key.
 OPTIMIZER_VERSION = "2"
@@ -72,7 +77,7 @@ def _standardise_negative(negative: str | None, truncates: bool,
     if negative is None:
         return None, None
     try:
-        std = standardise(negative)
+        std = _standardise(negative)
     except PromptRejected as exc:
         changes.append(f"negative prompt ignored: {exc.message}")
         return None, None
@@ -93,7 +98,7 @@ def optimize(prompt: str, negative: str | None = None, *, enabled: bool = True,
     if negative is not None and not isinstance(negative, str):
         negative = None
     try:
-        std = standardise(prompt)
+        std = _standardise(prompt)
     except PromptRejected as exc:
         raise Refused(exc.code, None, exc.message) from None
     violation: Violation | None = check(std.text, policy or PolicySettings())
@@ -102,13 +107,16 @@ def optimize(prompt: str, negative: str | None = None, *, enabled: bool = True,
 
     changes = list(std.changes)
     neg_text, key_negative = _standardise_negative(negative, truncates, changes)
-    # The user's tags are fitted first: enhancers are chosen from what the generator will read,
-    # so text past the window (the same prompt for a truncating backend) cannot change them.
-    user = fit_window(split_tags(std.text), [])
-    enhancement = enhance(user.text, neg_text) if enabled else None
+    # The user's tags are fitted first, and enhancers chosen from what the generator will read:
+    # text past the window (the same prompt to a truncating backend) cannot change them.
+    tags = split_tags(std.text)
+    user = fit_window(tags, [])
+    if user.dropped:
+        tags = split_tags(user.text)
+    enhancement = _enhance(user.text, neg_text) if enabled else None
     final = user
     if enhancement is not None and enhancement.enhancers:
-        final = fit_window(split_tags(user.text), list(enhancement.enhancers))
+        final = fit_window(tags, list(enhancement.enhancers), tags_count=user.tokens)
     neg_tags = split_tags(neg_text) if neg_text else []
     neg_extras = list(enhancement.negatives) if enhancement else []
     negative_used, negative_dropped = None, ()
@@ -116,7 +124,9 @@ def optimize(prompt: str, negative: str | None = None, *, enabled: bool = True,
         fitted = fit_window(neg_tags, neg_extras)
         negative_used = fitted.text or None
         negative_dropped = tuple(f"negative: {d}" for d in fitted.dropped)
-    key_prompt = canonical_prompt(window_text(std.text) if truncates else std.text)
+    fits_whole = not user.dropped and user.text == std.text
+    key_prompt = canonical_prompt(window_text(std.text) if truncates and not fits_whole
+                                  else std.text)
     return Optimized(
         prompt_used=final.text, negative_used=negative_used,
         key_prompt=key_prompt or canonical_prompt(std.text), key_negative=key_negative,

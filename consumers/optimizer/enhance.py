@@ -84,7 +84,33 @@ _TRIGGERS: dict[str, Style] = {}
 for _style in STYLES:
     for _trigger in _style.triggers:
         _TRIGGERS.setdefault(_trigger, _style)
+_FIRST_WORDS = frozenset(t.split()[0] for t in _TRIGGERS if " " in t)
 _MAX_TRIGGER_WORDS = max(len(t.split()) for t in _TRIGGERS)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One "tag|alias|alias" entry, parsed once: single words are matched as a set."""
+
+    tag: str
+    words: frozenset[str]
+    phrases: tuple[str, ...]
+    quote: bool  # '"' is an alias: present when the prompt quotes text
+
+    @classmethod
+    def of(cls, entry: str) -> _Entry:
+        aliases = entry.split("|")
+        return cls(aliases[0], frozenset(a for a in aliases if " " not in a and a != '"'),
+                   tuple(f" {a} " for a in aliases if " " in a), '"' in aliases)
+
+    def present(self, text: str, words: frozenset[str], joined: str) -> bool:
+        return bool(words & self.words) or any(p in joined for p in self.phrases) or (
+            self.quote and '"' in text)
+
+
+_ENTRIES: dict[str, tuple[tuple[_Entry, ...], tuple[_Entry, ...]]] = {
+    style.name: (tuple(map(_Entry.of, style.enhancers)), tuple(map(_Entry.of, style.negatives)))
+    for style in (*STYLES, DEFAULT)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,36 +120,35 @@ class Enhancement:
     negatives: tuple[str, ...]  # tags to append to the negative prompt, in order
 
 
-def words_of(text: str) -> str:
-    """Lower-case words joined by single spaces and padded: `" a b "` (phrase matching)."""
-    return f" {' '.join(_WORD.findall(text.lower()))} "
-
-
-def detect_style(text: str) -> Style:
-    """The style of the first trigger in `text` (longest trigger first at one position)."""
-    words = _WORD.findall(text.lower())
-    for i in range(len(words)):
-        for n in range(min(_MAX_TRIGGER_WORDS, len(words) - i), 0, -1):
-            if (style := _TRIGGERS.get(" ".join(words[i:i + n]))) is not None:
-                return style
+def _style_of(words: list[str]) -> Style:
+    for i, word in enumerate(words):
+        if word in _FIRST_WORDS:  # longest trigger first at one position
+            for n in range(min(_MAX_TRIGGER_WORDS, len(words) - i), 1, -1):
+                if (style := _TRIGGERS.get(" ".join(words[i:i + n]))) is not None:
+                    return style
+        if (style := _TRIGGERS.get(word)) is not None:
+            return style
     return DEFAULT
 
 
-def _present(alias: str, text: str, words: str) -> bool:
-    return alias in text if alias == '"' else f" {alias} " in words
+def detect_style(text: str) -> Style:
+    """The style of the first trigger in `text`, else DEFAULT."""
+    return _style_of(_WORD.findall(text.lower()))
 
 
 def enhance(prompt: str, negative: str | None = None) -> Enhancement:
     """Enhancers and default negatives for a standardised `prompt` and the user's standardised
     `negative` (which they never duplicate)."""
-    style = detect_style(prompt)
-    words = words_of(prompt)
-    enhancers = tuple(
-        entry.split("|", 1)[0] for entry in style.enhancers
-        if not any(_present(a, prompt, words) for a in entry.split("|")))
-    negative_words = words_of(negative or "")
-    negatives = tuple(
-        tag for entry in style.negatives
-        if (tag := entry.split("|", 1)[0]) and f" {words_of(tag).strip()} " not in negative_words
-        and not any(_present(a, prompt, words) for a in entry.split("|")))
+    listed = _WORD.findall(prompt.lower())
+    style = _style_of(listed)
+    words, joined = frozenset(listed), f" {' '.join(listed)} "
+    enhancer_entries, negative_entries = _ENTRIES[style.name]
+    enhancers = tuple(e.tag for e in enhancer_entries if not e.present(prompt, words, joined))
+    negatives: tuple[str, ...] = ()
+    if negative_entries:
+        neg_listed = _WORD.findall(negative.lower()) if negative else []
+        neg_joined = f" {' '.join(neg_listed)} "
+        negatives = tuple(e.tag for e in negative_entries
+                          if not e.present(prompt, words, joined)
+                          and f" {e.tag} " not in neg_joined)
     return Enhancement(style.name, enhancers, negatives)

@@ -84,9 +84,8 @@ class _Terms:
         if hit := words & self.words:
             return min(hit)
         for stem in self.stems:
-            for w in words:
-                if w.startswith(stem):
-                    return w
+            if (at := joined.find(f" {stem}")) >= 0:
+                return joined[at + 1:joined.index(" ", at + 1)]
         for phrase in self.phrases:
             if phrase in joined:
                 return phrase.strip()
@@ -172,6 +171,10 @@ _AGE = re.compile(
     r"\b(?:aged?) (\d(?: ?\d)?)\b|"
     r"\b(one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|"
     r"fifteen|sixteen|seventeen) ?-? ?years? ?-? ?old\b")
+_AGE_HINTS = ("year", "yr", "yo", "y/o", "y / o", "age")
+# a leet character next to a letter ("l0li", "s3x", "$exy"), or three single characters in a row
+_OBFUSCATED = re.compile(r"[a-z][013457@$€]|[013457@$€][a-z]|"
+                         r"(?<![^\W_])[^\W_][\W_]{1,3}[^\W_][\W_]{1,3}[^\W_](?![^\W_])")
 _WORDS = re.compile(r"[^\W_]+")
 _LEET_I = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a",
                          "$": "s", "€": "e"})
@@ -221,14 +224,17 @@ def _minor_age(text: str) -> str | None:
     return None
 
 
-def _minors_sexual(base: str) -> str | None:
-    variants = (_Text.of(base), _Text.of(base.translate(_LEET_I), squeeze=True),
-                _Text.of(base.translate(_LEET_L), squeeze=True))
+def _minors_sexual(base: str, plain: _Text) -> str | None:
+    variants = [plain]
+    if _OBFUSCATED.search(base):  # leetspeak or spaced letters: read those too
+        variants += [_Text.of(base.translate(_LEET_I), squeeze=True),
+                     _Text.of(base.translate(_LEET_L), squeeze=True)]
     for v in variants:
         if term := TERMS["minors_sexual"].find(v):
             return term
-    minor = _minor_age(base) or next(
-        (t for v in variants if (t := TERMS["minor"].find(v))), None)
+    minor = next((t for v in variants if (t := TERMS["minor"].find(v))), None)
+    if minor is None and any(k in base for k in _AGE_HINTS):
+        minor = _minor_age(base)
     if minor is None:
         return None
     sexual = next((t for v in variants if (t := TERMS["sexual"].find(v))), None)
@@ -251,9 +257,9 @@ def check(text: str, settings: PolicySettings) -> Violation | None:
     """The first refused category that `text` falls in, or None. `text` is the standardised
     prompt (case kept: the "photo of First Last" pattern reads capitals)."""
     base = _fold(text)
-    if term := _minors_sexual(base):
-        return Violation(ALWAYS_REFUSED, term)
     plain = _Text.of(base)
+    if term := _minors_sexual(base, plain):
+        return Violation(ALWAYS_REFUSED, term)
     for category in ("explicit", "gore", "hate"):
         if settings.refuses(category) and (term := TERMS[category].find(plain)):
             return Violation(category, term)

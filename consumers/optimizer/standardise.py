@@ -48,46 +48,51 @@ class Standardised:
     changes: tuple[str, ...]
 
 
-# Spelling variants measured in ../shared/data/prompts (15,498 prompts; counts in the comments).
-# Only variants that ask for the same picture: hyphenation, spacing and misspellings. Entries
-# marked "same tokens" also give CLIP the same token ids (CLIP ignores whitespace, and digits are
-# single tokens), so folding them changes only the cache key. Not folded on purpose: "hd" vs "high
-# definition", "realistic" vs "realism", "unreal engine" vs "unreal engine 5", "photoreal".
+# Spelling variants measured in ../shared/data/prompts (15,498 prompts; counts in the comments:
+# the kept spelling first). Only variants that ask for the same picture: hyphenation, spacing and
+# misspellings. "Same tokens": CLIP reads both as the same ids (it ignores spaces, and digits are
+# single tokens), so folding changes only the cache key. Not folded on purpose: "hd" / "high
+# definition", "realistic" / "realism", "unreal engine" / "unreal engine 5", "photoreal".
+# Each row: regex, spelling, and literals one of which every variant contains once hyphens are
+# unspaced; the regex runs only when one is there (most prompts run none).
 _SEP = r"(?:\s*-\s*|\s+)"  # "a-b", "a - b", "a b"
-_FOLD_TABLE: tuple[tuple[str, str], ...] = (
-    (rf"photo{_SEP}realistic", "photorealistic"),          # 363 vs 44 + 7
-    (rf"hyper{_SEP}realistic", "hyperrealistic"),          # 241 vs 184 + 37
-    (rf"hyper{_SEP}realism", "hyperrealism"),              # 114 vs 105 + few
-    (r"ultra\s*-\s*realistic|ultrarealistic", "ultra realistic"),  # 178 vs 22 + 5
-    (r"hyper\s*-\s*detailed|hyperdetailed", "hyper detailed"),     # 200 vs 103 + 24
-    (r"highly\s*-\s*detailed", "highly detailed"),         # 1659 vs 11
-    (r"ultra\s*-\s*detailed|ultradetailed", "ultra detailed"),     # 129 vs 26
-    (r"(?<!\d\s)(?<![\d.])8\s+k", "8k"),                   # 897 "8 k" vs 411; same tokens
-    (r"(?<!\d\s)(?<![\d.])4\s+k", "4k"),                   # 460 vs 267; same tokens
-    (r"(?<!\d\s)(?<![\d.])3\s*-?\s*d(?=\s|,|$)", "3d"),     # 258 "3 d" vs 107; same tokens
-    (r"art\s+station", "artstation"),                      # 2408 vs 64
-    (r"deviant\s+art", "deviantart"),                      # 110 vs 7
-    (r"cg\s+society", "cgsociety"),                        # 164 vs 4
-    (r"ue\s*5|unreal\s+engine5", "unreal engine 5"),       # 194 vs 7
-    (r"ue\s*4|unreal\s+engine4", "unreal engine 4"),
-    (r"octanerender", "octane render"),                    # 796 vs 1
-    (rf"sci{_SEP}fi|scifi", "sci-fi"),                     # 120 "sci - fi", 107, 76, 46
-    (rf"cyber{_SEP}punk", "cyberpunk"),                    # 447 vs 4
-    (rf"steam{_SEP}punk", "steampunk"),                    # 82 vs 1
-    (r"ray\s*-\s*tracing|raytracing", "ray tracing"),      # 131 vs 46
-    (r"ray\s*-\s*traced|raytraced", "ray traced"),         # 6 vs 8
-    (r"depth\s*-\s*of\s*-\s*field", "depth of field"),     # 152 vs 1
-    (r"conceptart", "concept art"),                        # 1310 vs 2
-    (r"mattepainting", "matte painting"),                  # 186 vs 3
-    (r"digitalart", "digital art"),
-    (r"greg\s+rutkowsky|greg\s+rutkowksi", "greg rutkowski"),  # 1369 vs 5
-    (r"(?<!\d\s)(\d{2,3})\s+mm", r"\1mm"),                 # 33 "35mm" vs 3; same tokens
+_FOLD_TABLE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (rf"photo{_SEP}realistic", "photorealistic",  # 363; 44 + 7
+     ("photo realistic", "photo-realistic")),
+    (rf"hyper{_SEP}realistic", "hyperrealistic",  # 241; 184 + 37
+     ("hyper realistic", "hyper-realistic")),
+    (rf"hyper{_SEP}realism", "hyperrealism", ("hyper realism", "hyper-realism")),  # 114; 105
+    (r"ultra\s*-\s*realistic|ultrarealistic", "ultra realistic",  # 178; 22 + 5
+     ("ultra-realistic", "ultrarealistic")),
+    (r"hyper\s*-\s*detailed|hyperdetailed", "hyper detailed",  # 200; 103 + 24
+     ("hyper-detailed", "hyperdetailed")),
+    (r"highly\s*-\s*detailed", "highly detailed", ("highly-detailed",)),  # 1659; 11
+    (r"ultra\s*-\s*detailed|ultradetailed", "ultra detailed",  # 129; 26
+     ("ultra-detailed", "ultradetailed")),
+    (r"(?<!\d\s)(?<![\d.])8\s+k", "8k", ("8 k",)),  # 411; 897, same tokens
+    (r"(?<!\d\s)(?<![\d.])4\s+k", "4k", ("4 k",)),  # 267; 460, same tokens
+    (r"(?<!\d\s)(?<![\d.])3\s*-?\s*d(?=\s|,|$)", "3d", ("3 d", "3-d")),  # 107; 262, same
+    (r"art\s+station", "artstation", ("art station",)),  # 2408; 64
+    (r"deviant\s+art", "deviantart", ("deviant art",)),  # 110; 7
+    (r"cg\s+society", "cgsociety", ("cg society",)),  # 164; 4
+    (r"ue\s*5|unreal\s+engine5", "unreal engine 5", ("ue5", "ue 5", "engine5")),  # 194; 7
+    (r"ue\s*4|unreal\s+engine4", "unreal engine 4", ("ue4", "ue 4", "engine4")),
+    (r"octanerender", "octane render", ("octanerender",)),  # 796; 1
+    (rf"sci{_SEP}fi|scifi", "sci-fi", ("sci fi", "sci-fi", "scifi")),  # 76; 120 + 107 + 46
+    (rf"cyber{_SEP}punk", "cyberpunk", ("cyber punk", "cyber-punk")),  # 447; 4
+    (rf"steam{_SEP}punk", "steampunk", ("steam punk", "steam-punk")),  # 82; 1
+    (r"ray\s*-\s*tracing|raytracing", "ray tracing", ("ray-tracing", "raytracing")),  # 131; 46
+    (r"ray\s*-\s*traced|raytraced", "ray traced", ("ray-traced", "raytraced")),  # 6; 8
+    (r"depth\s*-\s*of\s*-\s*field", "depth of field", ("depth-of-field",)),  # 152; 1
+    (r"conceptart", "concept art", ("conceptart",)),  # 1310; 2
+    (r"mattepainting", "matte painting", ("mattepainting",)),  # 186; 3
+    (r"digitalart", "digital art", ("digitalart",)),
+    (r"greg\s+rutkowsky|greg\s+rutkowksi", "greg rutkowski",  # 1369; 5
+     ("rutkowsky", "rutkowksi")),
+    (r"(?<!\d\s)(\d{2,3})\s+mm", r"\1mm", (" mm",)),  # 33 "35mm"; 3, same tokens
 )
-_FOLDS = tuple((re.compile(rf"(?<![\w-])(?:{pattern})(?![\w-])", re.IGNORECASE), repl)
-               for pattern, repl in _FOLD_TABLE)
-_FOLD_HINT = re.compile(r"realis|detailed|\d\s|\dmm|art\s*station|deviant|cg\s|ue\s*\d|unreal|"
-                        r"octanerender|sci|punk|ray|depth|conceptart|mattepainting|digitalart|"
-                        r"rutkow|3\s*-", re.IGNORECASE)
+_FOLDS = tuple((re.compile(rf"(?<![\w-])(?:{pattern})(?![\w-])", re.IGNORECASE), repl, keys)
+               for pattern, repl, keys in _FOLD_TABLE)
 
 STOP_WORDS = frozenset(
     "a an the of and or but in on at to with without by for from into onto over under up down "
@@ -98,6 +103,7 @@ _QUOTED = re.compile(r'("[^"]*")')
 _CONTENT = re.compile(r"[^\W_]")  # a letter or digit, any script
 _WORD = re.compile(r"[^\W_]+")
 _SPACES = re.compile(r"\s+")
+_TAG_SPLIT = re.compile(r"(?<!\d),|,(?!\d)")
 _WEIGHT_TAIL = re.compile(r":\s*([+-]?[\d.]+)\s*")
 _PAIRS = {")": "(", "]": "["}
 
@@ -250,7 +256,10 @@ def _weights(text: str, changes: list[str]) -> str:
 
 def _fold(text: str, changes: list[str]) -> str:
     """Step 4: one spelling for each frequent term, outside double-quoted text."""
-    if not _FOLD_HINT.search(text):
+    lowered = text.lower().replace(" - ", "-").replace(" -", "-").replace("- ", "-")
+    rows = [(pattern, repl) for pattern, repl, keys in _FOLDS
+            if any(key in lowered for key in keys)]
+    if not rows:
         return text
 
     def sub(match: re.Match[str], repl: str) -> str:
@@ -260,9 +269,9 @@ def _fold(text: str, changes: list[str]) -> str:
         changes.append(f"spelling: {match[0]!r} -> {new!r}")
         return new
 
-    parts = _QUOTED.split(text)
+    parts = _QUOTED.split(text) if '"' in text else [text]
     for k in range(0, len(parts), 2):  # even parts are outside quotes
-        for pattern, repl in _FOLDS:
+        for pattern, repl in rows:
             parts[k] = pattern.sub(lambda m, r=repl: sub(m, r), parts[k])  # type: ignore[misc]
     return "".join(parts)
 
@@ -270,6 +279,8 @@ def _fold(text: str, changes: list[str]) -> str:
 def split_tags(text: str) -> list[str]:
     """Comma-separated tags at the top level. A comma inside brackets or double quotes, or
     between two digits ("1,000"), does not split."""
+    if not any(c in text for c in '"([)]'):
+        return [t for t in (t.strip() for t in _TAG_SPLIT.split(text)) if t]
     tags: list[str] = []
     depth, quoted, start = 0, False, 0
     last = len(text) - 1
@@ -297,8 +308,11 @@ def _dedupe(text: str, changes: list[str]) -> str:
     seen: set[str] = set()
     kept: list[str] = []
     removed: dict[str, int] = {}
-    for tag in split_tags(text):
-        key = _SPACES.sub(" ", tag.lower())
+    tags = split_tags(text)
+    lowered = [tag.lower() for tag in tags]  # clean text: spaces are single already
+    if len(set(lowered)) == len(lowered):
+        return text
+    for tag, key in zip(tags, lowered, strict=True):
         if key in seen:
             removed[key] = removed.get(key, 0) + 1
             continue
@@ -314,9 +328,12 @@ def _dedupe(text: str, changes: list[str]) -> str:
 
 def only_stop_words(text: str) -> bool:
     """True when every word is a stop word (and there is no other symbol to draw)."""
-    words = _WORD.findall(text.lower())
-    return bool(words) and all(w in STOP_WORDS for w in words) and not any(
-        ord(c) > 127 and unicodedata.category(c)[0] == "S" for c in text)
+    found = False
+    for match in _WORD.finditer(text):
+        if match[0].lower() not in STOP_WORDS:
+            return False
+        found = True
+    return found and not any(ord(c) > 127 and unicodedata.category(c)[0] == "S" for c in text)
 
 
 def standardise(prompt: str) -> Standardised:
@@ -332,8 +349,10 @@ def standardise(prompt: str) -> Standardised:
     text = _weights(cleaned, changes)
     if not _has_content(text):
         raise PromptRejected("invalid_prompt", "the prompt is only weighting syntax")
+    before = len(changes)
     text = _dedupe(_fold(text, changes), changes)
-    text = clean_prompt(text)  # removals above can leave ", ," or spaces behind
+    if len(changes) != before or text != cleaned:
+        text = clean_prompt(text)  # removals above can leave ", ," or spaces behind
     if cleaned != _unicode(prompt):
         changes.insert(0, "whitespace and punctuation")
     if only_stop_words(text):

@@ -97,18 +97,34 @@ def _cut_words(text: str, budget: int) -> str:
     return text[:lo].rstrip()
 
 
-def fit(tags: list[str], extras: list[str], budget: int = WINDOW) -> Fitted:
+def _summable(items: list[str]) -> bool:
+    """Whether token counts of `items` add up exactly when joined by ", ": CLIP splits words at
+    spaces and punctuation, so they do unless an item ends in punctuation, which runs into the
+    comma (`"(a),"` is one word to CLIP)."""
+    return all(item[-1:].isalnum() for item in items[:-1])
+
+
+def fit(tags: list[str], extras: list[str], budget: int = WINDOW, *,
+        tags_count: int | None = None) -> Fitted:
     """Join `tags` (the user's, most important first) and `extras` (enhancers) with ", " within
     `budget` tokens: extras are dropped first, from the last; then the user's trailing tags;
-    then, if the first tag alone is too long, its trailing words.
+    then, if the first tag alone is too long, its trailing words. `tags_count`, when known, is
+    the count of `", ".join(tags)`.
 
-    Counts are added per tag (a ", " is one token) and checked once on the joined text; CLIP
-    splits words at commas and spaces, so the sum is exact except where punctuation runs into
-    the comma (`"(a),"`); the check catches that.
+    The fast path (everything fits) encodes at most once; a ", " is one token.
     """
     joined = ", ".join(tags + extras)
-    if (n := count(joined)) <= budget:  # the common case: one call
-        return Fitted(joined, n, ())
+    n_tags = tags_count if tags_count is not None else (count(", ".join(tags)) if tags else 0)
+    total = n_tags + sum(count_tag(e) + 1 for e in extras) - (0 if tags else 1 if extras else 0)
+    if total <= budget:
+        if not _summable(tags[-1:] + extras):
+            total = count(joined)
+        if total <= budget:
+            return Fitted(joined, total, ())
+    return _fit_slow(tags, extras, budget)
+
+
+def _fit_slow(tags: list[str], extras: list[str], budget: int) -> Fitted:
     dropped: list[str] = []
     kept = list(tags)
     extra = list(extras)
@@ -132,9 +148,11 @@ def fit(tags: list[str], extras: list[str], budget: int = WINDOW) -> Fitted:
         n = count(text)
         if n <= budget:
             return Fitted(text, n, tuple(d for d in dropped if d))
-        if extra:  # the sum was short by a merged punctuation run: drop one more and retry
+        if extra:  # a punctuation run merged with a comma: drop one more and count again
             dropped.append(extra.pop())
         elif len(kept) > 1:
             dropped.append(kept.pop())
-        else:
+        elif budget > 1:  # unreachable (one tag is cut to fit); kept so the loop always ends
             budget -= 1
+        else:
+            return Fitted("", 0, tuple(dropped))

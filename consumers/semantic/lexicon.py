@@ -39,7 +39,7 @@ small | tiny
 large | big
 huge | enormous | gigantic | massive | immense
 cute | adorable
-beautiful | gorgeous | lovely
+beautiful | gorgeous | lovely | stunning
 realistic | lifelike | true to life | life like
 very | highly | extremely | really | super | incredibly | ultra | very very
 fantasy | fantastical
@@ -72,7 +72,25 @@ men | guys
 woman | lady
 women | ladies
 people | persons
-happy | joyful
+happy | joyful | cheerful
+forest | woods
+jumping | leaping
+shiny | glossy
+scary | frightening
+sunset | sundown
+ocean | sea
+autumn | fall | autumnal
+old | elderly
+center | middle
+on | upon
+dog | doggy | doggo | pooch
+person | human
+render | rendering
+uhd | ultra hd
+pants | trousers
+sweater | pullover
+eyeglasses | spectacles
+spaceship | spacecraft
 bicycle | bike
 motorcycle | motorbike
 airplane | aeroplane | plane
@@ -139,10 +157,9 @@ free devoid hairless headless faceless eyeless armless legless wingless less non
 
 SPATIAL = _words("""
 left right above below under over beneath underneath behind front back before after next
-beside near far top bottom inside outside on in atop between among around across through
-upon into onto within facing toward towards against along upside down up center centre
-middle corner side foreground background distance opposite surrounding surrounded off
-beyond past ahead adjacent nearby close closer farther further leftmost rightmost
+beside near far top bottom inside outside atop between among around across through
+facing toward towards against along upside down up center centre middle corner side
+foreground background distance opposite surrounding surrounded beyond past ahead adjacent nearby close closer farther further leftmost rightmost
 vertical horizontal diagonal sideways overhead underground underwater aerial
 """)
 
@@ -162,7 +179,7 @@ AGE = _words("""
 young old elderly aged baby infant toddler child kid teen teenage teenager adolescent
 adult senior middle-aged youthful newborn puppy kitten cub calf foal chick duckling
 lamb piglet elder grandmother grandfather granny grandma grandpa ancient juvenile
-youth age year-old old-aged aging ageing wrinkled little boy girl
+youth age year-old old-aged aging ageing wrinkled
 """)
 
 GENDER = _words("""
@@ -214,6 +231,9 @@ victorian medieval art-deco art-nouveau modernist modern contemporary classical 
 folk tribal naive kitsch grunge gritty whimsical dreamy ethereal dark horror cinematic
 futuristic dystopian utopian post-apocalyptic apocalyptic biopunk afrofuturism ornate
 """)
+
+# Prepositions: a change is spatial, but any other category names a refusal better.
+PREPOSITION = _words("on in at into onto within upon from off to of with during for")
 
 # Words after which names are taken as artists ("by", "style of", ...).
 ARTIST_MARKERS = _words("by style artist artists painter photographer illustrator inspired")

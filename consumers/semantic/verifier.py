@@ -29,9 +29,9 @@ from functools import lru_cache
 
 from consumers.semantic import lexicon as lx
 
-REASONS = ("text", "weight", "negation", "count", "color", "gender", "age", "spatial",
-           "time_of_day", "season_weather", "species", "medium", "style", "artist", "subject",
-           "other", "binding", "role", "empty")
+REASONS = ("text", "weight", "negation", "count", "color", "age", "gender", "season_weather",
+           "time_of_day", "spatial", "species", "medium", "style", "artist", "subject",
+           "other", "preposition", "binding", "role", "empty")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +101,11 @@ def _norm_word(w: str) -> str:
 
 
 def _apply_phrases(tokens: list[str]) -> list[str]:
+    out = _phrase_pass(tokens)
+    return _phrase_pass(out) if out != tokens else out  # chains: "uhd 4k resolution"
+
+
+def _phrase_pass(tokens: list[str]) -> list[str]:
     out: list[str] = []
     i, n = 0, len(tokens)
     while i < n:
@@ -116,21 +121,58 @@ def _apply_phrases(tokens: list[str]) -> list[str]:
     return out
 
 
+def _strip_suffix(text: str) -> str:
+    for _ in range(3):
+        text, n = _SUFFIX.subn("", text)
+        if not n:
+            break
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class Parsed:
     segments: tuple[tuple[str, ...], ...]
     quoted: tuple[str, ...]
+    words: frozenset[str]
+    counts: Counter
+
+
+def _parsed(segments: tuple[tuple[str, ...], ...], quoted: tuple[str, ...]) -> Parsed:
+    counts = Counter(t for seg in segments for t in seg)
+    return Parsed(segments, quoted, frozenset(counts), counts)
+
+
+_SEPARATORS = re.compile(r"[,;|!?:\n]+|(?<!\d)\.|\.(?!\d)")
+_WORDS = re.compile(r"\u2696-?\d+(?:\.\d+)?|\d+(?:\.\d+)?[a-z]*|[a-z0-9]+(?:'[a-z0-9]+)*|&")
+_SLOW = re.compile(r"[^\x00-\x7f]|[(\[{)\]}]")
 
 
 @lru_cache(maxsize=8192)
 def parse(text: str) -> Parsed:
     """Canonical prompt -> segments of normalised content tokens (emphasis as "^depth")."""
-    quoted = tuple(sorted(" ".join(q.split()) for q in _DQUOTED.findall(text)))
+    quoted = tuple(sorted(" ".join(q.split()) for q in _DQUOTED.findall(text))) if '"' in text else ()
     text = text.lower().strip()
-    for _ in range(3):
-        text = _SUFFIX.sub("", text)
+    tail = len(text) - 64
+    if tail > 0:  # the polite-suffix regex only needs the end of the prompt
+        text = text[:tail] + _strip_suffix(text[tail:])
+    else:
+        text = _strip_suffix(text)
     text = _NOUN_PREFIX.sub("", _PREFIX.sub("", text))
-    text = _WEIGHT.sub(lambda m: f" {_WMARK}{m.group(1)} ", _EMOTICON.sub(" ", text))
+    if ":" in text or ";" in text or "=" in text:
+        text = _WEIGHT.sub(lambda m: f" {_WMARK}{m.group(1)} ", _EMOTICON.sub(" ", text))
+    if _SLOW.search(text):
+        return _parsed(_tokenise_slow(text), quoted)
+    segments = []
+    drop, norm = lx.DROP, _norm_word
+    for part in _SEPARATORS.split(text):
+        toks = [w for w in map(norm, _WORDS.findall(part)) if w not in drop]
+        if toks:
+            segments.append(tuple(_apply_phrases(toks)))
+    return _parsed(tuple(segments), quoted)
+
+
+def _tokenise_slow(text: str) -> tuple[tuple[str, ...], ...]:
+    """Brackets (emphasis depth) and non-ASCII text (emoji kept as words, other scripts too)."""
     segments: list[tuple[str, ...]] = []
     current: list[str] = []
     depth = 0
@@ -160,7 +202,7 @@ def parse(text: str) -> Parsed:
             current.append(f"{tok}^{depth}" if depth else tok)
     if current:
         segments.append(tuple(_apply_phrases(current)))
-    return Parsed(tuple(segments), quoted)
+    return tuple(segments)
 
 
 # ---------------------------------------------------------------------------- word tests
@@ -185,9 +227,10 @@ def singular(w: str) -> str:
 
 
 _CATEGORIES = (("negation", lx.NEGATION), ("count", lx.COUNT), ("color", lx.COLOR),
-               ("gender", lx.GENDER), ("age", lx.AGE), ("spatial", lx.SPATIAL),
-               ("time_of_day", lx.TIME_OF_DAY), ("season_weather", lx.SEASON_WEATHER),
-               ("species", lx.SPECIES), ("medium", lx.MEDIUM), ("style", lx.STYLE))
+               ("age", lx.AGE), ("gender", lx.GENDER), ("season_weather", lx.SEASON_WEATHER),
+               ("time_of_day", lx.TIME_OF_DAY), ("spatial", lx.SPATIAL),
+               ("species", lx.SPECIES), ("medium", lx.MEDIUM), ("style", lx.STYLE),
+               ("preposition", lx.PREPOSITION))
 _LEXICON = frozenset().union(*(words for _, words in _CATEGORIES))
 _ORDER = {r: i for i, r in enumerate(REASONS)}
 _DICT: dict[str, int] | None = None
@@ -273,27 +316,34 @@ def _after_marker(tok: str, segment: tuple[str, ...]) -> bool:
 
 # ---------------------------------------------------------------------------- comparison
 
-def _merge_compounds(segments: tuple[tuple[str, ...], ...], other: set[str]):
+_NO_COMPOUND = lx.COLOR | lx.NEGATION  # "green house" is no greenhouse, "no one" no "noone"
+
+
+def _merge_compounds(segments: tuple[tuple[str, ...], ...], own: frozenset[str], new):
+    """Join adjacent words that the other prompt writes as one ("art station" / "artstation")."""
+    pairs = {(c[:k], c[k:]) for c in new for k in range(1, len(c))
+             if c[:k] in own and c[k:] in own and "^" not in c}
+    pairs = {p for p in pairs if not set(p) & _NO_COMPOUND}
+    if not pairs:
+        return segments
     out = []
     for seg in segments:
-        if len(seg) < 2:
-            out.append(seg)
-            continue
-        toks, i = [], 0
+        toks, i, merged = [], 0, False
         while i < len(seg):
-            if i + 1 < len(seg) and "^" not in seg[i] + seg[i + 1] and seg[i] + seg[i + 1] in other:
+            if i + 1 < len(seg) and (seg[i], seg[i + 1]) in pairs:
                 toks.append(_norm_word(seg[i] + seg[i + 1]))
                 i += 2
+                merged = True
             else:
                 toks.append(seg[i])
                 i += 1
-        out.append(tuple(_apply_phrases(toks)))
+        out.append(tuple(_apply_phrases(toks)) if merged else seg)
     return tuple(out)
 
 
 def _pick_reason(extras: list[tuple[str, tuple[str, ...]]]) -> str:
-    reasons = {category(t, seg) for t, seg in extras}
-    return min(reasons, key=_ORDER.__getitem__)
+    reason = min({category(t, seg) for t, seg in extras}, key=_ORDER.__getitem__)
+    return "spatial" if reason == "preposition" else reason
 
 
 def _segment_of(tok: str, segments) -> tuple[str, ...]:
@@ -344,11 +394,13 @@ def verify(a: str, b: str) -> Verdict:
     sa, sb = pa.segments, pb.segments
     if sa == sb:
         return OK
-    words_a = {t for s in sa for t in s}
-    words_b = {t for s in sb for t in s}
-    if words_a != words_b:
-        sa, sb = _merge_compounds(sa, words_b), _merge_compounds(sb, words_a)
-    ca, cb = Counter(t for s in sa for t in s), Counter(t for s in sb for t in s)
+    ca, cb = pa.counts, pb.counts
+    if ca != cb:
+        ma = _merge_compounds(sa, pa.words, (cb - ca).keys())
+        mb = _merge_compounds(sb, pb.words, (ca - cb).keys())
+        if ma is not sa or mb is not sb:
+            sa, sb = ma, mb
+            ca, cb = Counter(t for s in sa for t in s), Counter(t for s in sb for t in s)
     if ca != cb:
         only_a, only_b = ca - cb, cb - ca
         fix_a: dict[str, str] = {}

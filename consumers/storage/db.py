@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 
+from consumers.storage import stats
 from schemas.events import ChangeEvent
 
 
@@ -54,11 +55,23 @@ class MetadataStore:
             await self._conn.close()
             self._conn = None
 
-    async def apply_changes(self, events: Sequence[ChangeEvent]) -> None:
-        """Write a batch in one transaction. Idempotent: a batch may be delivered twice."""
+    async def apply_changes(self, batch: Sequence[tuple[str, ChangeEvent]]) -> None:
+        """Write a batch of (stream entry id, event) in one transaction. Idempotent: events
+        already applied (a redelivered batch) are skipped, so rollups never count twice."""
         conn = await self._connection()
         try:
             async with conn.transaction(), conn.cursor() as cur:
+                await cur.execute(
+                    "INSERT INTO applied_changes (event_id) SELECT unnest(%s::text[])"
+                    " ON CONFLICT DO NOTHING RETURNING event_id", ([i for i, _ in batch],))
+                fresh = {row[0] for row in await cur.fetchall()}
+                events = [e for i, e in batch if i in fresh]
+                results, evictions = stats.rollup(events)
+                if results:
+                    await cur.executemany(stats.UPSERT_RESULTS, stats.result_params(results))
+                if evictions:
+                    await cur.executemany(stats.UPSERT_EVICTIONS,
+                                          stats.eviction_params(evictions))
                 stored = [e for e in events if e.type == "entry_stored"]
                 if stored:
                     await cur.executemany(_UPSERT_ENTRY, [
@@ -90,21 +103,9 @@ class MetadataStore:
         await conn.rollback()
         return row
 
-    async def summary(self) -> dict[str, Any]:
+    async def prune_applied(self, older_than: timedelta = timedelta(days=2)) -> int:
         conn = await self._connection()
-        async with conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(
-                "SELECT count(*) AS entries, coalesce(sum(image_bytes + thumbnail_bytes), 0)"
-                " AS bytes, coalesce(sum(hit_count), 0) AS hits,"
-                " coalesce(sum(generation_ms * hit_count), 0) / 1000.0 AS generator_seconds_saved"
-                " FROM cache_entries"
-            )
-            totals = dict(await cur.fetchone() or {})
-            await cur.execute(
-                "SELECT tier, count(*) AS hits, percentile_cont(0.5) WITHIN GROUP"
-                " (ORDER BY latency_ms) AS p50_ms, percentile_cont(0.99) WITHIN GROUP"
-                " (ORDER BY latency_ms) AS p99_ms FROM cache_hits GROUP BY tier ORDER BY tier"
-            )
-            totals["by_tier"] = [dict(r) for r in await cur.fetchall()]
-        await conn.rollback()
-        return totals
+        async with conn.transaction(), conn.cursor() as cur:
+            await cur.execute("DELETE FROM applied_changes WHERE applied_at < now() - %s",
+                              (older_than,))
+            return cur.rowcount
