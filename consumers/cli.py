@@ -131,8 +131,22 @@ def _web(settings: Settings) -> None:
     from consumers.runtime import blob_store, streams_client
     from consumers.web import build_app
 
+    import redis as syncredis
+    from prometheus_client import CollectorRegistry
+
+    from consumers.metrics import RedisCollector
+
+    keys = Keys(settings.prefix)
     redis = streams_client(settings.redis_url) if settings.redis_url else None
-    app = build_app(blobs=blob_store(settings), redis=redis, keys=Keys(settings.prefix))
+    metrics = None
+    if settings.redis_url:
+        metrics = CollectorRegistry()
+        cache_url = settings.effective_cache_redis_url or settings.redis_url
+        metrics.register(RedisCollector(
+            syncredis.Redis.from_url(settings.redis_url, socket_timeout=2), keys,
+            int(settings.storage_limit),
+            cache=syncredis.Redis.from_url(cache_url, socket_timeout=2)))
+    app = build_app(blobs=blob_store(settings), redis=redis, keys=keys, metrics=metrics)
     uvicorn.run(app, host=settings.web_host, port=settings.web_port, log_level="warning",
                 timeout_graceful_shutdown=5)
 

@@ -48,6 +48,14 @@ class Keys:
     def janitor_lock(self) -> str:
         return f"{self.prefix}:janitor:lock"
 
+    # metrics: monotonic counters and histogram buckets, incremented with each result
+    @property
+    def metrics_results(self) -> str:
+        return f"{self.prefix}:metrics:results"
+
+    def metrics_latency(self, tier: str) -> str:
+        return f"{self.prefix}:metrics:latency:{tier}"
+
     # the entry registry (cache Redis): durable indexes, so no TTL
     @property
     def entries(self) -> str:

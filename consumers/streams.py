@@ -150,7 +150,8 @@ class Publisher:
             await pipe.execute()
 
     async def publish_result(self, source: Source, message_id: str, *, done_key: str,
-                             stream: str, data: str, changes: Sequence[str] = ()) -> bool:
+                             stream: str, data: str, changes: Sequence[str] = (),
+                             counters: Sequence[tuple[str, str, float]] = ()) -> bool:
         """XADD result + XACK + mark done, atomically; False when the request was answered before.
 
         WATCH on the done key makes a concurrent duplicate (the same request_id delivered twice,
@@ -168,6 +169,8 @@ class Publisher:
                     pipe.set(done_key, message_id, ex=self.done_ttl)
                     for change in changes:
                         pipe.xadd(self.changes_stream, {"data": change})
+                    for key, name, amount in counters:  # (hash, field, increment)
+                        pipe.hincrbyfloat(key, name, amount)
                     await pipe.execute()
                     published = True
             except WatchError:

@@ -6,7 +6,10 @@ is a 404, so no path can escape the image store.
 
 from __future__ import annotations
 
+import asyncio
+
 import redis.asyncio as aioredis
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -19,7 +22,8 @@ from consumers.storage.blobs import CONTENT_TYPES, BlobStore
 _IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}
 
 
-def build_app(*, blobs: BlobStore, redis: aioredis.Redis | None, keys: Keys) -> Starlette:
+def build_app(*, blobs: BlobStore, redis: aioredis.Redis | None, keys: Keys,
+              metrics: CollectorRegistry | None = None) -> Starlette:
     def _file(path: object, name: str) -> Response:
         if path is None or not getattr(path, "is_file", lambda: False)():
             return PlainTextResponse("not found\n", status_code=404)
@@ -54,7 +58,17 @@ def build_app(*, blobs: BlobStore, redis: aioredis.Redis | None, keys: Keys) -> 
                 checks["redis"], ok = f"error: {exc}", False
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
 
+    async def prometheus(_: Request) -> Response:
+        if metrics is None:
+            return PlainTextResponse("metrics need REDIS_URL\n", status_code=503)
+        try:
+            body = await asyncio.to_thread(generate_latest, metrics)
+        except RedisError as exc:
+            return PlainTextResponse(f"redis unavailable: {exc}\n", status_code=503)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
     return Starlette(routes=[
+        Route("/metrics", prometheus),
         Route("/images/{name:path}", image),
         Route("/thumbnails/{name:path}", thumbnail),
         Route("/healthz", healthz),

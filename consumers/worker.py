@@ -36,6 +36,7 @@ from consumers import intake
 from consumers.errors import GenerationFailed, PipelineError, RequestRejected
 from consumers.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
 from consumers.pipeline import Outcome, Pipeline
+from consumers.storage.stats import bucket_of
 from consumers.streams import (
     Delivery,
     GroupReader,
@@ -334,9 +335,14 @@ class Worker:
                                reason=result.error.code if result.error else None)
         changes = [c.model_copy(update={"latency_ms": latency}).model_dump_json(exclude_none=True)
                    for c in (*outcome.changes, answered)]
+        tier = result.cache or ""
+        counters = [(self.keys.metrics_results, f"{tier}|{result.status}", 1),
+                    (self.keys.metrics_latency(tier or result.status), str(bucket_of(latency)), 1),
+                    (self.keys.metrics_latency(tier or result.status), "sum", latency)]
         published = await self.publisher.publish_result(
             source, message_id, done_key=self.keys.done(result.request_id),
-            stream=reply_to or self.keys.results, data=result.model_dump_json(), changes=changes)
+            stream=reply_to or self.keys.results, data=result.model_dump_json(), changes=changes,
+            counters=counters)
         if published:
             self.counters[result.cache if result.status == "ok" and result.cache
                           else result.status] += 1

@@ -53,3 +53,35 @@ def test_health_endpoints(store_and_client):
     assert client.get("/healthz").json() == {"status": "alive"}
     ready = client.get("/readyz")
     assert ready.status_code == 503 and ready.json()["ready"] is False
+
+
+async def test_metrics_report_results_latency_storage_and_streams(redis, redis_url, keys, settings):
+    import redis as syncredis
+    from prometheus_client import CollectorRegistry
+
+    from consumers.metrics import RedisCollector
+    from consumers.runtime import blob_store
+    from tests.helpers import CountingGenerator, send, worker_for
+
+    await send(redis, keys.requests, request_id="m1", prompt="a metric of foxes")
+    await worker_for(settings, redis, CountingGenerator()).run(burst=True)
+    await send(redis, keys.requests, request_id="m2", prompt="A metric of foxes.")
+    await send(redis, keys.requests, raw='{"request_id": "m3", "prompt": ""}')
+    await worker_for(settings, redis, CountingGenerator()).run(burst=True)
+
+    registry = CollectorRegistry()
+    sync = syncredis.Redis.from_url(redis_url)
+    registry.register(RedisCollector(sync, keys, 10_000_000))
+    app = build_app(blobs=blob_store(settings), redis=None, keys=keys, metrics=registry)
+    with TestClient(app) as client:
+        text = client.get("/metrics").text
+    sync.close()
+    assert 'promptcache_results_total{cache="miss",status="ok"} 1.0' in text
+    assert 'promptcache_results_total{cache="exact",status="ok"} 1.0' in text
+    assert 'promptcache_results_total{cache="",status="rejected"} 1.0' in text
+    assert 'promptcache_request_latency_seconds_bucket{cache="exact",le="+Inf"} 1.0' in text
+    assert 'promptcache_request_latency_seconds_bucket{cache="miss",le="300.0"} 1.0' in text
+    assert "promptcache_stored_bytes " in text and "promptcache_entries 1.0" in text
+    assert f'promptcache_stream_pending{{group="workers",stream="{keys.requests}"}} 0.0' in text
+    stored = [ln for ln in text.splitlines() if ln.startswith("promptcache_stored_bytes ")]
+    assert float(stored[0].split()[1]) > 0

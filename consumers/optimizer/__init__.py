@@ -6,10 +6,13 @@ input: 10,000 characters, control characters, lone surrogates, mixed scripts, em
 weighting syntax.
 
 What the cache key is made of: `key_prompt`, the user's canonical prompt *before* enhancers (for
-a truncating backend, only what fits its window), `key_negative` likewise, and `key_version`
-(`OPTIMIZER_VERSION`, plus whether enhancers were on: the same prompt with and without them is
-a different picture). Enhancers and default negatives are a function of those, so they need no
-place in the key of their own.
+a truncating backend, only the tags that fit its window), `key_negative` likewise, and
+`key_version` (`OPTIMIZER_VERSION`, plus whether enhancers were on: the same prompt with and
+without them is a different picture). Enhancers and default negatives are a function of what the
+generator reads of the user's prompt, so they need no place in the key of their own.
+
+`prompt_used` always fits the window: enhancers are dropped first, then the user's trailing
+tags, then (one long tag) its trailing words. `dropped` says what went.
 
 `enabled` (the request's `options.optimize`) switches the enhancers and default negatives only:
 standardisation, the content policy and the window always apply.
@@ -23,9 +26,9 @@ from consumers.errors import RequestRejected
 from consumers.optimizer.enhance import STYLES
 from consumers.optimizer.enhance import enhance as _enhance
 from consumers.optimizer.policy import ALLOW_ALL, PolicySettings, Violation, check
-from consumers.optimizer.standardise import PromptRejected, split_tags
+from consumers.optimizer.standardise import PromptRejected, repair_weights
 from consumers.optimizer.standardise import standardise as _standardise
-from consumers.optimizer.tokens import WINDOW, count, fits, window_text
+from consumers.optimizer.tokens import WINDOW, Fitted, count, fits, split_tags, window_text
 from consumers.optimizer.tokens import fit as fit_window
 from consumers.prompts import canonical_prompt
 
@@ -58,6 +61,7 @@ class Optimized:
     key_prompt: str             # canonical user prompt before enhancers: the cache key's prompt
     key_negative: str | None    # canonical user negative before defaults: the key's negative
     style: str | None           # the detected style when enhancers were on
+    added: tuple[str, ...]      # the enhancers that made it into prompt_used
     tokens: int                 # CLIP tokens of prompt_used (<= WINDOW)
     dropped: tuple[str, ...]    # what did not fit the window ("negative: " for the negative)
     changes: tuple[str, ...]    # what standardisation changed
@@ -70,33 +74,43 @@ class Optimized:
         return f"{self.version}+e" if self.enhanced else self.version
 
 
-def _standardise_negative(negative: str | None, truncates: bool,
-                          changes: list[str]) -> tuple[str | None, str | None]:
-    """(standardised negative, its key form); a negative with nothing left in it is ignored
-    rather than refused: it only says what not to draw."""
-    if negative is None:
-        return None, None
-    try:
-        std = _standardise(negative)
-    except PromptRejected as exc:
-        changes.append(f"negative prompt ignored: {exc.message}")
-        return None, None
-    return std.text, canonical_prompt(window_text(std.text) if truncates else std.text) or None
+def _fit_user(text: str) -> Fitted:
+    """The user's own tags fitted to the window (trailing tags dropped first)."""
+    fitted = fit_window(split_tags(text), [])
+    if not fitted.dropped:
+        return fitted
+    # cut short: a weighting group may have lost its closing bracket
+    repaired = fit_window(split_tags(repair_weights(fitted.text)), [])
+    return Fitted(repaired.text, repaired.tokens, fitted.dropped + repaired.dropped)
+
+
+def _with_extras(user: Fitted, extras: tuple[str, ...]) -> Fitted:
+    """`user` followed by `extras` (enhancers or default negatives), extras dropped to fit."""
+    if not extras:
+        return user
+    tags = split_tags(user.text)
+    if not tags:
+        return fit_window([], list(extras))
+    last = tags[-1].rstrip(".!?;: ") or tags[-1]  # "a red car, highly detailed", not "car.,"
+    return fit_window(tags[:-1] + [last], list(extras),
+                      tags_count=user.tokens if last == tags[-1] else None)
+
+
+def _shown(dropped: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(d if len(d) <= _SHOWN else d[:_SHOWN - 1] + "…" for d in dropped)
 
 
 def optimize(prompt: str, negative: str | None = None, *, enabled: bool = True,
              policy: PolicySettings | None = None, truncates: bool = False) -> Optimized:
     """Optimise one prompt, or raise `Refused`.
 
-    `policy`: what to refuse (default `PolicySettings()`: every category refused).
-    `truncates`: the backend reads only the first 75 tokens (plain diffusers/CLIP), so prompts
-    that differ past them share a key; False for backends that read it all (A1111 chunks long
-    prompts, OpenAI reads them).
+    `policy`: what to refuse (default `PolicySettings()`: every category but minors_sexual is
+    configurable, all refused). `truncates`: the backend reads only the first 75 tokens (plain
+    diffusers / CLIP), so prompts that differ past them must share a key; False for backends
+    that read long prompts (A1111 chunks them, OpenAI reads them).
     """
     if not isinstance(prompt, str):
         raise Refused("invalid_prompt", None, "the prompt is not text")
-    if negative is not None and not isinstance(negative, str):
-        negative = None
     try:
         std = _standardise(prompt)
     except PromptRejected as exc:
@@ -104,34 +118,33 @@ def optimize(prompt: str, negative: str | None = None, *, enabled: bool = True,
     violation: Violation | None = check(std.text, policy or PolicySettings())
     if violation is not None:
         raise Refused("blocked_content", violation.category, violation.message)
-
     changes = list(std.changes)
-    neg_text, key_negative = _standardise_negative(negative, truncates, changes)
-    # The user's tags are fitted first, and enhancers chosen from what the generator will read:
-    # text past the window (the same prompt to a truncating backend) cannot change them.
-    tags = split_tags(std.text)
-    user = fit_window(tags, [])
-    if user.dropped:
-        tags = split_tags(user.text)
-    enhancement = _enhance(user.text, neg_text) if enabled else None
-    final = user
-    if enhancement is not None and enhancement.enhancers:
-        final = fit_window(tags, list(enhancement.enhancers), tags_count=user.tokens)
-    neg_tags = split_tags(neg_text) if neg_text else []
-    neg_extras = list(enhancement.negatives) if enhancement else []
-    negative_used, negative_dropped = None, ()
-    if neg_tags or neg_extras:
-        fitted = fit_window(neg_tags, neg_extras)
-        negative_used = fitted.text or None
-        negative_dropped = tuple(f"negative: {d}" for d in fitted.dropped)
-    fits_whole = not user.dropped and user.text == std.text
-    key_prompt = canonical_prompt(window_text(std.text) if truncates and not fits_whole
-                                  else std.text)
+
+    neg_std: str | None = None
+    if isinstance(negative, str):  # a negative is never refused: it says what not to draw
+        try:
+            neg_std = _standardise(negative).text
+        except PromptRejected as exc:
+            changes.append(f"negative prompt ignored: {exc.message}")
+
+    # The user's tags are fitted first and enhancers chosen from what the generator will read,
+    # so text past the window (the same prompt to a truncating backend) cannot change them.
+    user = _fit_user(std.text)
+    user_neg = _fit_user(neg_std) if neg_std else Fitted("", 0, ())
+    enhancement = _enhance(user.text, neg_std) if enabled else None
+    final = _with_extras(user, enhancement.enhancers if enhancement else ())
+    final_neg = _with_extras(user_neg, enhancement.negatives if enhancement else ())
+    # A truncating backend reads only the window: its key is the user's prompt as fitted to
+    # it, which is exactly the user's part of what the generator is sent.
+    key_prompt = canonical_prompt(user.text if truncates else std.text)
+    key_negative = canonical_prompt(user_neg.text if truncates else neg_std) if neg_std else None
     return Optimized(
-        prompt_used=final.text, negative_used=negative_used,
-        key_prompt=key_prompt or canonical_prompt(std.text), key_negative=key_negative,
-        style=enhancement.style if enhancement else None, tokens=final.tokens,
-        dropped=tuple(d if len(d) <= _SHOWN else d[:_SHOWN - 1] + "…"
-                      for d in user.dropped + final.dropped + negative_dropped),
-        changes=tuple(changes),
-        enhanced=enabled)
+        prompt_used=final.text, negative_used=final_neg.text or None,
+        key_prompt=key_prompt, key_negative=key_negative or None,
+        style=enhancement.style if enhancement else None,
+        added=tuple(e for e in (enhancement.enhancers if enhancement else ())
+                    if e not in final.dropped),
+        tokens=final.tokens,
+        dropped=_shown(user.dropped + final.dropped
+                       + tuple(f"negative: {d}" for d in user_neg.dropped + final_neg.dropped)),
+        changes=tuple(changes), enhanced=enabled)

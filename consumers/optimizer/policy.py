@@ -62,33 +62,48 @@ class Violation:
 
 @dataclass(frozen=True, slots=True)
 class _Terms:
+    """One term list, parsed once. Entries: "word", "several words", "stem*"."""
+
     words: frozenset[str]
-    stems: tuple[str, ...]      # "decapitat*": any word starting with it
-    phrases: tuple[str, ...]    # several words in a row
-    ignore: tuple[str, ...]     # phrases removed first ("al gore", "gore tex", "trump card")
+    stems: tuple[str, ...]                        # " decapitat": a word starting with it
+    phrases: Mapping[str, tuple[str, ...]]        # first word -> " several words " entries
+    ignore: Mapping[str, tuple[str, ...]]         # phrases removed first ("al gore")
+
+    @staticmethod
+    def _index(phrases: list[str]) -> Mapping[str, tuple[str, ...]]:
+        index: dict[str, list[str]] = {}
+        for phrase in phrases:
+            index.setdefault(phrase.split()[0], []).append(f" {phrase} ")
+        return MappingProxyType({k: tuple(v) for k, v in index.items()})
 
     @classmethod
     def of(cls, entries: str, ignore: str = "") -> _Terms:
         items = [e.strip() for e in entries.split(",") if e.strip()]
         return cls(frozenset(e for e in items if " " not in e and not e.endswith("*")),
-                   tuple(e[:-1] for e in items if e.endswith("*")),
-                   tuple(f" {e} " for e in items if " " in e),
-                   tuple(f" {e.strip()} " for e in ignore.split(",") if e.strip()))
+                   tuple(f" {e[:-1]}" for e in items if e.endswith("*")),
+                   cls._index([e for e in items if " " in e]),
+                   cls._index([e.strip() for e in ignore.split(",") if e.strip()]))
 
     def find(self, text: _Text) -> str | None:
+        """The first entry found in `text` (whole words), or None."""
         joined, words = text.joined, text.words
-        if self.ignore and any(p in joined for p in self.ignore):
-            for p in self.ignore:
-                joined = joined.replace(p, " ")
+        if skip := [p for w in words & self.ignore.keys() for p in self.ignore[w] if p in joined]:
+            for phrase in skip:
+                joined = joined.replace(phrase, " ")
             words = frozenset(joined.split())
         if hit := words & self.words:
             return min(hit)
         for stem in self.stems:
-            if (at := joined.find(f" {stem}")) >= 0:
+            if (at := joined.find(stem)) >= 0:
                 return joined[at + 1:joined.index(" ", at + 1)]
-        for phrase in self.phrases:
-            if phrase in joined:
-                return phrase.strip()
+        for first in sorted(words & self.phrases.keys()):
+            for phrase in self.phrases[first]:
+                if phrase in joined:
+                    return phrase.strip()
+        for run in text.runs:  # spaced-out letters: any entry inside the run
+            for entry in sorted(self.words) + [s.strip() for s in self.stems]:
+                if len(entry) > 2 and entry in run:
+                    return entry
         return None
 
 
@@ -160,6 +175,7 @@ TERMS: Mapping[str, _Terms] = MappingProxyType({
 
 _NAMED = re.compile(r"\b(?:photo|photograph|selfie|mugshot|footage|paparazzi shot|press photo)s?"
                     r" of ((?:[A-Z][a-z]+)(?: [A-Z][a-z]+){1,2})\b")
+_NAMED_HINTS = ("photo", "selfie", "mugshot", "footage", "paparazzi")
 _NOT_PERSON = frozenset(
     "House Tower Bridge Street Road Avenue City Park Opera Building Temple Church Cathedral "
     "Palace Castle Square Mountain Mount River Lake Beach Island Station Hall Museum Garden "
@@ -172,9 +188,7 @@ _AGE = re.compile(
     r"\b(one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|"
     r"fifteen|sixteen|seventeen) ?-? ?years? ?-? ?old\b")
 _AGE_HINTS = ("year", "yr", "yo", "y/o", "y / o", "age")
-# a leet character next to a letter ("l0li", "s3x", "$exy"), or three single characters in a row
-_OBFUSCATED = re.compile(r"[a-z][013457@$€]|[013457@$€][a-z]|"
-                         r"(?<![^\W_])[^\W_][\W_]{1,3}[^\W_][\W_]{1,3}[^\W_](?![^\W_])")
+_LEET = re.compile(r"[a-z][013457@$€]|[013457@$€][a-z]")  # "l0li", "s3x", "$exy"
 _WORDS = re.compile(r"[^\W_]+")
 _LEET_I = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a",
                          "$": "s", "€": "e"})
@@ -185,26 +199,30 @@ _LEET_L = str.maketrans({"0": "o", "1": "l", "3": "e", "4": "a", "5": "s", "7": 
 @dataclass(frozen=True, slots=True)
 class _Text:
     """A prompt reduced to lower-case words: a set for single words, a padded string for
-    phrases."""
+    phrases, and (read with `squeeze`) runs of spaced letters joined up ("n u d e k i d" ->
+    "nudekid"), in which terms are looked for as substrings."""
 
     words: frozenset[str]
     joined: str
+    spaced: bool  # three or more one-character words in a row
+    runs: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, text: str, *, squeeze: bool = False) -> _Text:
         words = _WORDS.findall(text)
-        if squeeze:  # "n u d e" / "n.u.d.e" -> "nude": runs of 3+ single characters
-            out: list[str] = []
+        spaced = any(len(a) == len(b) == len(c) == 1
+                     for a, b, c in zip(words, words[1:], words[2:], strict=False))
+        runs: list[str] = []
+        if squeeze and spaced:
             run: list[str] = []
             for w in [*words, "  "]:
                 if len(w) == 1:
                     run.append(w)
                     continue
-                out.extend([*run, "".join(run)] if len(run) >= 3 else run)
+                if len(run) >= 3:
+                    runs.append("".join(run))
                 run = []
-                out.append(w)
-            words = out[:-1]
-        return cls(frozenset(words), f" {' '.join(words)} ")
+        return cls(frozenset(words), f" {' '.join(words)} ", spaced, tuple(runs))
 
 
 def _fold(text: str) -> str:
@@ -226,7 +244,7 @@ def _minor_age(text: str) -> str | None:
 
 def _minors_sexual(base: str, plain: _Text) -> str | None:
     variants = [plain]
-    if _OBFUSCATED.search(base):  # leetspeak or spaced letters: read those too
+    if plain.spaced or _LEET.search(base):  # leetspeak or spaced letters: read those too
         variants += [_Text.of(base.translate(_LEET_I), squeeze=True),
                      _Text.of(base.translate(_LEET_L), squeeze=True)]
     for v in variants:
@@ -241,9 +259,11 @@ def _minors_sexual(base: str, plain: _Text) -> str | None:
     return f"{minor} + {sexual}" if sexual else None
 
 
-def _real_person(text: str, plain: _Text) -> str | None:
+def _real_person(text: str, base: str, plain: _Text) -> str | None:
     name = TERMS["famous"].find(plain)
     if name is None:
+        if not any(k in base for k in _NAMED_HINTS):
+            return None
         m = next((m for m in _NAMED.finditer(text)
                   if not _NOT_PERSON.intersection(m[1].split())), None)
         if m is None:
@@ -263,7 +283,7 @@ def check(text: str, settings: PolicySettings) -> Violation | None:
     for category in ("explicit", "gore", "hate"):
         if settings.refuses(category) and (term := TERMS[category].find(plain)):
             return Violation(category, term)
-    if settings.refuses("real_person") and (term := _real_person(text, plain)):
+    if settings.refuses("real_person") and (term := _real_person(text, base, plain)):
         return Violation("real_person", term)
     return None
 

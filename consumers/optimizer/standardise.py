@@ -25,6 +25,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+from consumers.optimizer.tokens import split_tags
 from consumers.prompts import clean_prompt
 
 WEIGHT_MIN = 0.1
@@ -102,8 +103,6 @@ STOP_WORDS = frozenset(
 _QUOTED = re.compile(r'("[^"]*")')
 _CONTENT = re.compile(r"[^\W_]")  # a letter or digit, any script
 _WORD = re.compile(r"[^\W_]+")
-_SPACES = re.compile(r"\s+")
-_TAG_SPLIT = re.compile(r"(?<!\d),|,(?!\d)")
 _WEIGHT_TAIL = re.compile(r":\s*([+-]?[\d.]+)\s*")
 _PAIRS = {")": "(", "]": "["}
 
@@ -254,6 +253,11 @@ def _weights(text: str, changes: list[str]) -> str:
     return "".join(stack[0].out)
 
 
+def repair_weights(text: str) -> str:
+    """Step 3 alone: for text cut short (a prompt trimmed to the token window mid-group)."""
+    return _weights(text, [])
+
+
 def _fold(text: str, changes: list[str]) -> str:
     """Step 4: one spelling for each frequent term, outside double-quoted text."""
     lowered = text.lower().replace(" - ", "-").replace(" -", "-").replace("- ", "-")
@@ -276,54 +280,19 @@ def _fold(text: str, changes: list[str]) -> str:
     return "".join(parts)
 
 
-def split_tags(text: str) -> list[str]:
-    """Comma-separated tags at the top level. A comma inside brackets or double quotes, or
-    between two digits ("1,000"), does not split."""
-    if not any(c in text for c in '"([)]'):
-        return [t for t in (t.strip() for t in _TAG_SPLIT.split(text)) if t]
-    tags: list[str] = []
-    depth, quoted, start = 0, False, 0
-    last = len(text) - 1
-    for i, c in enumerate(text):
-        if c == '"':
-            quoted = not quoted
-        elif quoted:
-            continue
-        elif c in "([":
-            depth += 1
-        elif c in ")]":
-            depth = max(depth - 1, 0)
-        elif (c == "," and depth == 0
-              and not (0 < i < last and text[i - 1].isdigit() and text[i + 1].isdigit())):
-            tags.append(text[start:i].strip())
-            start = i + 1
-    tags.append(text[start:].strip())
-    return [t for t in tags if t]
-
-
 def _dedupe(text: str, changes: list[str]) -> str:
     """Step 5: drop repeated comma-separated tags, case-insensitively, keeping the first."""
     if "," not in text:
         return text
-    seen: set[str] = set()
-    kept: list[str] = []
-    removed: dict[str, int] = {}
     tags = split_tags(text)
     lowered = [tag.lower() for tag in tags]  # clean text: spaces are single already
     if len(set(lowered)) == len(lowered):
         return text
-    for tag, key in zip(tags, lowered, strict=True):
-        if key in seen:
-            removed[key] = removed.get(key, 0) + 1
-            continue
-        seen.add(key)
-        kept.append(tag)
-    if removed:
-        listed = ", ".join(f"{k!r}" + (f" x{n}" if n > 1 else "")
-                           for k, n in list(removed.items())[:5])
-        more = f" and {len(removed) - 5} more" if len(removed) > 5 else ""
-        changes.append(f"duplicate tags removed: {listed}{more}")
-    return ", ".join(kept)
+    first = {key: i for i, key in reversed(list(enumerate(lowered)))}
+    changes += [f"duplicate tag removed: {key!r}" for i, key in enumerate(lowered)
+                if first[key] != i]
+    return ", ".join(tag for i, (tag, key) in enumerate(zip(tags, lowered, strict=True))
+                     if first[key] == i)
 
 
 def only_stop_words(text: str) -> bool:
@@ -339,7 +308,7 @@ def only_stop_words(text: str) -> bool:
 def standardise(prompt: str) -> Standardised:
     """The standardised prompt and what changed; raises PromptRejected when nothing is left."""
     changes: list[str] = []
-    text = _unicode(prompt)
+    text = plain = _unicode(prompt)
     if text != prompt:
         changes.append("unicode normalised (NFKC, control characters)")
     cleaned = clean_prompt(text)
@@ -353,11 +322,19 @@ def standardise(prompt: str) -> Standardised:
     text = _dedupe(_fold(text, changes), changes)
     if len(changes) != before or text != cleaned:
         text = clean_prompt(text)  # removals above can leave ", ," or spaces behind
-    if cleaned != _unicode(prompt):
+    if cleaned != plain:
         changes.insert(0, "whitespace and punctuation")
     if only_stop_words(text):
         raise PromptRejected("invalid_prompt", "the prompt has only stop words "
                              "(a, the, of, ...): nothing to draw")
     if not _has_content(text):
         raise PromptRejected("empty_prompt", "the prompt is empty after standardisation")
-    return Standardised(text, tuple(changes))
+    return Standardised(text, _counted(changes))
+
+
+def _counted(changes: list[str]) -> tuple[str, ...]:
+    """The same message once, with a count: "spelling: 'x' -> 'y' (x4)"."""
+    counts: dict[str, int] = {}
+    for change in changes:
+        counts[change] = counts.get(change, 0) + 1
+    return tuple(c if n == 1 else f"{c} (x{n})" for c, n in counts.items())

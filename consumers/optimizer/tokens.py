@@ -16,6 +16,7 @@ nothing, so counting the brackets errs on the safe side.
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -25,6 +26,32 @@ CONTEXT_LENGTH = 77
 WINDOW = CONTEXT_LENGTH - 2  # minus <start_of_text> and <end_of_text>
 
 _tokenizer = instant_clip_tokenizer.Tokenizer()
+_TAG_SPLIT = re.compile(r"(?<!\d),|,(?!\d)")
+
+
+def split_tags(text: str) -> list[str]:
+    """Comma-separated tags at the top level. A comma inside brackets or double quotes, or
+    between two digits ("1,000"), does not split."""
+    if not any(c in text for c in '"([)]'):
+        return [t for t in (t.strip() for t in _TAG_SPLIT.split(text)) if t]
+    tags: list[str] = []
+    depth, quoted, start = 0, False, 0
+    last = len(text) - 1
+    for i, c in enumerate(text):
+        if c == '"':
+            quoted = not quoted
+        elif quoted:
+            continue
+        elif c in "([":
+            depth += 1
+        elif c in ")]":
+            depth = max(depth - 1, 0)
+        elif (c == "," and depth == 0
+              and not (0 < i < last and text[i - 1].isdigit() and text[i + 1].isdigit())):
+            tags.append(text[start:i].strip())
+            start = i + 1
+    tags.append(text[start:].strip())
+    return [t for t in tags if t]
 
 
 def _prepare(text: str) -> str:

@@ -58,9 +58,9 @@ _EMOTICON = re.compile(r"(?<![\w(])[:;=]-?[)(dp](?![\w:])")
 _WEIGHT = re.compile(r":\s*(-?\d+(?:\.\d+)?)(?![\w.])")
 _TOKEN = re.compile(
     r"(?P<o>[(\[{])|(?P<c>[)\]}])|(?P<s>[,;|.!?:\n])"
-    r"|(?P<w>\u2696-?\d+(?:\.\d+)?|\d+(?:\.\d+)?[^\W\d_]*|[^\W_]+(?:'[^\W_]+)*|&)|(?P<x>[^\w\s])"
+    r"|(?P<w>\x02-?\d+(?:\.\d+)?|\d+(?:\.\d+)?[^\W\d_]*|[^\W_]+(?:'[^\W_]+)*|&)|(?P<x>[^\w\s])"
 )
-_WMARK = "\u2696"  # marks an explicit weight number, "(cat:1.3)" -> "cat^1", "⚖1.3^1"
+_WMARK = "\x02"  # marks an explicit weight number: "(cat:1.3)" -> "cat^1", "\x021.3^1"
 
 
 def _phrase_table() -> dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]]:
@@ -75,6 +75,7 @@ def _phrase_table() -> dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]]:
 
 
 _PHRASES = _phrase_table()
+_PHRASE_KEYS = frozenset(_PHRASES)
 # canonical single word -> its single-word spellings, so "hughly" is still a typo of "highly"
 _VARIANTS: dict[str, tuple[str, ...]] = {}
 for _line in lx.SYNONYM_GROUPS:
@@ -86,10 +87,12 @@ _SPELL_STEMS = sorted(lx.SPELLING, key=len, reverse=True)
 
 @lru_cache(maxsize=65536)
 def _norm_word(w: str) -> str:
+    if "'" in w:
+        w = w.strip("'")
     if w.endswith("'s") and len(w) > 3:
         w = w[:-2]
-    if w in lx.NUMBER_WORDS:
-        return lx.NUMBER_WORDS[w]
+    if w in lx.NUMBER_WORDS or not w:
+        return lx.NUMBER_WORDS.get(w, w)
     for stem in _SPELL_STEMS:
         if w.startswith(stem):
             return lx.SPELLING[stem] + w[len(stem):]
@@ -101,20 +104,29 @@ def _norm_word(w: str) -> str:
 
 
 def _apply_phrases(tokens: list[str]) -> list[str]:
-    out = _phrase_pass(tokens)
-    return _phrase_pass(out) if out != tokens else out  # chains: "uhd 4k resolution"
-
-
-def _phrase_pass(tokens: list[str]) -> list[str]:
+    """Rewrite synonym phrases to their canonical form; a rewrite is rescanned, so chains
+    such as "uhd 4k resolution" -> "4k resolution" -> "4k" resolve in one pass."""
+    if _PHRASE_KEYS.isdisjoint(tokens):
+        return tokens
     out: list[str] = []
+    get = _PHRASES.get
     i, n = 0, len(tokens)
     while i < n:
-        for form, canon in _PHRASES.get(tokens[i], ()):
-            k = len(form)
-            if tuple(tokens[i:i + k]) == form:
-                out.extend(canon)
-                i += k
-                break
+        options = get(tokens[i])
+        if options is not None:
+            for form, canon in options:
+                k = len(form)
+                if k == 1 or tuple(tokens[i:i + k]) == form:
+                    if form != canon:
+                        tokens = [*canon, *tokens[i + k:]]
+                        i, n = 0, len(tokens)
+                    else:
+                        out.extend(canon)
+                        i += k
+                    break
+            else:
+                out.append(tokens[i])
+                i += 1
         else:
             out.append(tokens[i])
             i += 1
@@ -142,9 +154,15 @@ def _parsed(segments: tuple[tuple[str, ...], ...], quoted: tuple[str, ...]) -> P
     return Parsed(segments, quoted, frozenset(counts), counts)
 
 
-_SEPARATORS = re.compile(r"[,;|!?:\n]+|(?<!\d)\.|\.(?!\d)")
-_WORDS = re.compile(r"\u2696-?\d+(?:\.\d+)?|\d+(?:\.\d+)?[a-z]*|[a-z0-9]+(?:'[a-z0-9]+)*|&")
-_SLOW = re.compile(r"[^\x00-\x7f]|[(\[{)\]}]")
+
+
+def _has_brackets(text: str) -> bool:
+    return any(c in text for c in "()[]{}")
+
+_PERIOD = re.compile(r"(?<!\d)\.|\.(?!\d)")
+_SEP = "\x01"
+_FAST = str.maketrans({**{c: _SEP for c in ",;|!?:\n"},
+                       **{c: " " for c in '"#$%*+-/<=>@\\^_`~\t\r'}})
 
 
 @lru_cache(maxsize=8192)
@@ -160,12 +178,16 @@ def parse(text: str) -> Parsed:
     text = _NOUN_PREFIX.sub("", _PREFIX.sub("", text))
     if ":" in text or ";" in text or "=" in text:
         text = _WEIGHT.sub(lambda m: f" {_WMARK}{m.group(1)} ", _EMOTICON.sub(" ", text))
-    if _SLOW.search(text):
+    if not text.isascii() or _has_brackets(text):
         return _parsed(_tokenise_slow(text), quoted)
+    if "." in text:
+        text = text.replace(". ", _SEP)
+        if "." in text:
+            text = _PERIOD.sub(_SEP, text)
     segments = []
     drop, norm = lx.DROP, _norm_word
-    for part in _SEPARATORS.split(text):
-        toks = [w for w in map(norm, _WORDS.findall(part)) if w not in drop]
+    for part in text.translate(_FAST).split(_SEP):
+        toks = [w for w in map(norm, part.split()) if w not in drop]
         if toks:
             segments.append(tuple(_apply_phrases(toks)))
     return _parsed(tuple(segments), quoted)
@@ -357,7 +379,7 @@ def _order_reason(sa, sb) -> Verdict:
     """Same words, other order: accept tag/sentence reordering and dropped separators only."""
     flat_a = [t for s in sa for t in s]
     flat_b = [t for s in sb for t in s]
-    if flat_a == flat_b or Counter(sa) == Counter(sb):
+    if flat_a == flat_b or sorted(sa) == sorted(sb):
         return OK
     common = Counter(sa) & Counter(sb)
     rest_a, rest_b = Counter(common), Counter(common)
@@ -382,6 +404,10 @@ def _take(counter: Counter, seg) -> bool:
     return False
 
 
+def _minus(x: Counter, y: Counter) -> Counter:
+    return Counter({t: n - y[t] for t, n in x.items() if n > y[t]})
+
+
 def verify(a: str, b: str) -> Verdict:
     """Would the picture cached for canonical prompt `a` answer canonical prompt `b`?"""
     if a == b:
@@ -396,21 +422,24 @@ def verify(a: str, b: str) -> Verdict:
         return OK
     ca, cb = pa.counts, pb.counts
     if ca != cb:
-        ma = _merge_compounds(sa, pa.words, (cb - ca).keys())
-        mb = _merge_compounds(sb, pb.words, (ca - cb).keys())
+        ma = _merge_compounds(sa, pa.words, _minus(cb, ca).keys())
+        mb = _merge_compounds(sb, pb.words, _minus(ca, cb).keys())
         if ma is not sa or mb is not sb:
             sa, sb = ma, mb
             ca, cb = Counter(t for s in sa for t in s), Counter(t for s in sb for t in s)
     if ca != cb:
-        only_a, only_b = ca - cb, cb - ca
+        only_a, only_b = _minus(ca, cb), _minus(cb, ca)
         fix_a: dict[str, str] = {}
         fix_b: dict[str, str] = {}
-        for x in list(only_a):
-            for y in list(only_b):
-                if only_a[x] == only_b[y] and (cb[x] == 0 or ca[y] == 0) and _is_typo(x, y):
-                    (fix_a.__setitem__(x, y) if cb[x] == 0 else fix_b.__setitem__(y, x))
-                    del only_a[x], only_b[y]
-                    break
+        if len(only_a) == len(only_b) <= 6:  # else some word is surely left: no typo search
+            for x in list(only_a):
+                for y in list(only_b):
+                    if only_a[x] == only_b[y] and (cb[x] == 0 or ca[y] == 0) and _is_typo(x, y):
+                        (fix_a.__setitem__(x, y) if cb[x] == 0 else fix_b.__setitem__(y, x))
+                        del only_a[x], only_b[y]
+                        break
+                else:
+                    break  # x has no partner: refuse
         if only_a or only_b:
             return _refuse(list(only_a.elements()), list(only_b.elements()), sa, sb)
         sa = tuple(tuple(fix_a.get(t, t) for t in s) for s in sa)
