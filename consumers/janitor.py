@@ -167,18 +167,13 @@ class Janitor:
             return
         cutoff = time.time() - self.ttl.total_seconds()
         while expired := await self.registry.expired(cutoff, limit=500):
-            for entry_id in expired:
-                await self._evict(entry_id, "ttl")
+            for eviction in await self.registry.evict_many(expired, reason="ttl"):
+                await self._announce(eviction, "ttl")
         limit = self.registry.limit_bytes
         if await self.registry.stored() > limit * HIGH_WATERMARK:
             for eviction in await self.registry.evict_lru(
                     need=int(limit * (1 - LOW_WATERMARK)), reason="storage_limit"):
                 await self._announce(eviction, "storage_limit")
-
-    async def _evict(self, entry_id: str, reason: str) -> None:
-        assert self.registry is not None
-        if (eviction := await self.registry.evict(entry_id, reason=reason)) is not None:
-            await self._announce(eviction, reason)
 
     async def _announce(self, eviction: object, reason: str) -> None:
         event = evicted_event(eviction, reason)  # type: ignore[arg-type]

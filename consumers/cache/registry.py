@@ -9,7 +9,8 @@ and how many bytes are on disk. Lives in the cache Redis next to the exact keys.
 Registering reserves the bytes atomically against the storage cap *before* the file is written,
 so concurrent writers can never overshoot it; a writer that does not fit evicts least recently
 used entries itself (the janitor does the same from the other side). Unregistering is atomic
-too: whoever removes an entry frees its bytes and, with the last reference, its blob files.
+too: whoever removes an entry deletes, with the last reference, its blob files, and only then
+gives their bytes back to the account.
 """
 
 from __future__ import annotations
@@ -51,8 +52,7 @@ local refs = redis.call('HINCRBY', KEYS[3], entry['blob'], -1)
 local freed = 0
 if refs <= 0 then
   redis.call('HDEL', KEYS[3], entry['blob'])
-  redis.call('DECRBY', KEYS[4], entry['bytes'])
-  freed = entry['bytes']
+  freed = entry['bytes']  -- the caller DECRBYs once the files are gone
 end
 return {record, freed}
 """
@@ -122,28 +122,52 @@ class EntryRegistry:
     async def evict(self, entry_id: str, *, reason: str) -> Eviction | None:
         """Remove an entry everywhere: registry, exact key, blob files (with the last
         reference). Safe to repeat and to race: only one caller wins the unregister."""
-        eviction = await self.unregister(entry_id)
-        if eviction is None:
-            return None
-        entry = eviction.entry
-        await self._delete_if_same(keys=[self.keys.exact(entry.cache_key)], args=[entry_id])
-        if eviction.freed:
-            self.blobs.delete(entry.blob, entry.content_type)
-        log.info("entry_evicted", entry_id=entry_id, reason=reason, freed=eviction.freed)
-        return eviction
+        evicted = await self.evict_many([entry_id], reason=reason)
+        return evicted[0] if evicted else None
+
+    async def evict_many(self, entry_ids: list[str], *, reason: str) -> list[Eviction]:
+        """`evict` for a batch, in two pipelined round trips."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id in entry_ids:
+                await self._unregister(keys=self._keys, args=[entry_id], client=pipe)
+            replies = await pipe.execute()
+        done = [Eviction(Registered.from_json(entry_id, reply[0]), int(reply[1]))
+                for entry_id, reply in zip(entry_ids, replies, strict=True) if reply]
+        if not done:
+            return done
+        # files first, then the account: the bytes on disk never exceed what is accounted
+        # (a crash in between over-counts until the janitor's reconciliation, never under)
+        for eviction in done:
+            if eviction.freed:
+                self.blobs.delete(eviction.entry.blob, eviction.entry.content_type)
+            log.debug("entry_evicted", entry_id=eviction.entry.entry_id, reason=reason,
+                      freed=eviction.freed)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if freed := sum(e.freed for e in done):
+                pipe.decrby(self.keys.stored_bytes, freed)
+            for eviction in done:
+                await self._delete_if_same(keys=[self.keys.exact(eviction.entry.cache_key)],
+                                           args=[eviction.entry.entry_id], client=pipe)
+            await pipe.execute()
+        return done
 
     async def evict_lru(self, *, need: int = 0, reason: str, batch: int = 64) -> list[Eviction]:
         """Evict the least recently used entries until `need` more bytes fit under the cap."""
         done: list[Eviction] = []
-        while await self.stored() + need > self.limit_bytes:
-            oldest = await self.redis.zrange(self.keys.lru, 0, batch - 1)
+        stored = await self.stored()
+        while stored + need > self.limit_bytes:
+            oldest = [r.decode() for r in await self.redis.zrange(self.keys.lru, 0, batch - 1)]
             if not oldest:
                 break
-            for raw in oldest:
-                if eviction := await self.evict(raw.decode(), reason=reason):
-                    done.append(eviction)
-                if await self.stored() + need <= self.limit_bytes:
-                    break
+            # take only as many as the shortfall needs (entries are about the same size)
+            average = max(stored // max(await self.count(), 1), 1)
+            wanted = max(1, min(len(oldest), -(-(stored + need - self.limit_bytes) // average)))
+            for eviction in await self.evict_many(oldest[:wanted], reason=reason):
+                done.append(eviction)
+            stored = await self.stored()  # others write and evict too
+        if done:
+            log.info("entries_evicted", count=len(done), reason=reason,
+                     freed=sum(e.freed for e in done))
         return done
 
     async def expired(self, older_than: float, limit: int = 500) -> list[str]:
