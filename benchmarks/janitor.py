@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from consumers import logs  # noqa: E402
 from consumers.cache.registry import EntryRegistry, Registered  # noqa: E402
 from consumers.embedded import EmbeddedPostgres, EmbeddedValkey  # noqa: E402
 from consumers.janitor import Janitor  # noqa: E402
@@ -138,6 +139,7 @@ async def main() -> int:
     parser.add_argument("--quick", action="store_true", help="100,000 entries")
     args = parser.parse_args()
     total = 100_000 if args.quick else args.entries
+    logs.configure("WARNING", "console")
     with tempfile.TemporaryDirectory(prefix="pc-bench-janitor-") as tmp_dir:
         tmp = Path(tmp_dir)
         valkey = EmbeddedValkey(tmp / "valkey").start()
