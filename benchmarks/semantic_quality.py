@@ -36,9 +36,10 @@ import numpy as np  # noqa: E402
 from consumers.prompts import canonical_prompt  # noqa: E402
 from consumers.semantic import verifier  # noqa: E402
 
-THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
+THRESHOLDS = (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)  # 0.70/0.75: with the verifier
 LABELS = (("pos", "recall on positives"), ("neg", "false-hit rate on negatives"),
-          ("border", "borderline answered"))
+          ("border", "borderline answered"),
+          ("probe", "one-letter swaps answered (unlabeled: the corpus words include typos)"))
 BAD = re.compile(r"\b(nude|naked|nsfw|sex\w*|porn\w*|gore|blood\w*|kill\w*|corpse|breasts?)\b", re.I)
 
 # -- held-out-style pair generators (word lists written for the generator, not the verifier) --
@@ -190,6 +191,30 @@ def gen_combined(p, rnd):
     return b, {"synonym": [old, new], "case": case, "punct": punct}
 
 
+_VOCAB: dict[str, list[str]] = {}  # deletion key -> corpus words (>= 5 uses), for one_letter
+
+
+def build_vocab(prompts) -> None:
+    counts = collections.Counter(w for _, p in prompts for w in re.findall(r"[a-z]{4,}", p.lower()))
+    for w, n in counts.items():
+        if n >= 5:
+            for i in range(len(w)):
+                _VOCAB.setdefault(w[:i] + w[i + 1:], []).append(w)
+
+
+def gen_one_letter(p, rnd):
+    """Another real word one letter away ("horse" -> "house"): the typo rule's worst case."""
+    words = re.findall(r"\b[a-z]{4,}\b", p)
+    for w in rnd.sample(words, len(words)):
+        near = {v for i in range(len(w)) for v in _VOCAB.get(w[:i] + w[i + 1:], ())}
+        near |= set(_VOCAB.get(w, ()))
+        near = sorted(v for v in near if v != w and v.rstrip("s") != w.rstrip("s"))
+        if near:
+            new = rnd.choice(near)
+            return re.sub(rf"\b{w}\b", new, p, count=1), {"from": w, "to": new}
+    return None
+
+
 GENERATORS = [
     ("swapped_attributes", "neg", gen_swapped_attributes), ("swapped_roles", "neg", gen_swapped_roles),
     gen_swap_table("spatial", SPATIAL), ("spatial_objects", "neg", gen_spatial_objects),
@@ -197,6 +222,7 @@ GENERATORS = [
     gen_swap_table("season_weather", SEASON, INSERTS["season_weather"]),
     gen_swap_table("age", AGE), ("count_fresh", "neg", gen_count),
     ("negation_fresh", "neg", gen_negation), ("artist_fresh", "neg", gen_artist),
+    ("one_letter_word", "probe", gen_one_letter),
     ("combined", "pos", gen_combined),
 ]
 
@@ -214,6 +240,7 @@ def load_prompts(shared: Path) -> list[tuple[str, str]]:
 
 def own_pairs(prompts, dev_canon: set[str], per_kind: int, seed: int) -> list[dict]:
     rnd = random.Random(seed)
+    build_vocab(prompts)
     pool = [(s, p) for s, p in prompts if canonical_prompt(p) not in dev_canon]
     pairs = []
     for kind, label, gen in GENERATORS:
@@ -318,34 +345,48 @@ def embed(model, texts: list[str]) -> dict[str, np.ndarray]:
 
 
 def timings(model, pairs: list[dict]) -> dict:
-    verifier.verify("a cat", "a cats")  # load the spelling dictionary once
+    """Verifier time per pair: the best of 5 runs per pair (this VM is shared; the best run is
+    the cost without preemption), GC paused. "cold": neither prompt parsed before; "warm_a": the
+    cached prompt's parse is reused, as the service does for an entry it has compared before."""
+    import gc
+    verifier.verify("a tunbling cat", "a tumbling cat")  # loads the spelling dictionary
     canon = [(canonical_prompt(r["a"]), canonical_prompt(r["b"])) for r in pairs]
-    samples = []
-    for _ in range(3):
-        for a, b in canon:
-            verifier.parse.cache_clear()
-            t0 = time.perf_counter_ns()
-            verifier.verify(a, b)
-            samples.append(time.perf_counter_ns() - t0)
-    samples.sort()
-    q = lambda s, p: s[min(len(s) - 1, int(p * len(s)))] / 1e6  # noqa: E731
+    q = lambda s, p: round(s[min(len(s) - 1, int(p * len(s)))] / 1e6, 3)  # noqa: E731
+    out = {}
+    gc.disable()
+    try:
+        for mode in ("cold", "warm_a"):
+            best = []
+            for a, b in canon:
+                runs = []
+                for _ in range(5):
+                    verifier.parse.cache_clear()
+                    if mode == "warm_a":
+                        verifier.parse(a)
+                    t0 = time.perf_counter_ns()
+                    verifier.verify(a, b)
+                    runs.append(time.perf_counter_ns() - t0)
+                best.append(min(runs))
+            best.sort()
+            out[f"verifier_ms_{mode}"] = {"p50": q(best, 0.5), "p90": q(best, 0.9),
+                                          "p99": q(best, 0.99), "max": q(best, 1.0), "n": len(best)}
+    finally:
+        gc.enable()
     one = []
     for a, _ in canon[:60]:
         t0 = time.perf_counter()
         model.encode([a + " x"], normalize_embeddings=True)
-        one.append(time.perf_counter() - t0)
+        one.append((time.perf_counter() - t0) * 1e9)
     one = sorted(one[10:])
-    return {"verifier_ms": {"p50": q(samples, 0.5), "p99": q(samples, 0.99), "max": samples[-1] / 1e6,
-                            "n": len(samples), "note": "parse cache cleared before each call"},
-            "single_encode_ms": {"p50": q([x * 1e9 for x in one], 0.5),
-                                 "p99": q([x * 1e9 for x in one], 0.99), "n": len(one)}}
+    out["single_encode_ms"] = {"p50": q(one, 0.5), "p99": q(one, 0.99), "n": len(one)}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
-    ap.add_argument("--per-kind", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--per-kind", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=2026)  # 7 and 11 were used while tuning
     ap.add_argument("--mined", type=int, default=300)
     ap.add_argument("--no-mined", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/semantic-quality-latest.json")
@@ -377,9 +418,13 @@ def main() -> None:
     result["examples"] = {
         "dev_wrong": [_ex(r) for r in dev if (r["label"] == "pos") != (r["exact"] or r["verifier_ok"])
                       and r["label"] != "border"],
-        "own_wrong": [_ex(r) for r in own if (r["label"] == "pos") != (r["exact"] or r["verifier_ok"])]}
+        "own_wrong": [_ex(r) for r in own if (r["label"] == "pos") != (r["exact"] or r["verifier_ok"])
+                      and r["label"] != "probe"],
+        "probe_accepted": [{"a": r["a"], "b": r["b"], **r["detail"]} for r in own
+                           if r["label"] == "probe" and r["verifier_ok"]]}
     print(f"\ntimings: {json.dumps(result['timings'])}")
     print(f"model {path} loaded in {load_s:.1f}s; batched encode {result['batched_encode']}")
+    print("\none-letter probe, accepted:", [(e["from"], e["to"]) for e in result["examples"]["probe_accepted"]])
     for name in ("dev_wrong", "own_wrong"):
         print(f"\n## verifier wrong ({name}): {len(result['examples'][name])}")
         for e in result["examples"][name][:40]:

@@ -7,8 +7,8 @@ only when every difference between them is harmless wording:
   articles, punctuation and separators (",", ";", "|", "."), hyphens, case outside quotes;
 - synonyms and spellings that ask for the same picture (lexicon.SYNONYM_GROUPS, colour/color,
   number words and digits), compounds written apart ("art station" / "artstation");
-- a typo: one edit (two for long words) between words of at least 4 letters, of which at most
-  one is a known word (so "house"/"mouse" or "black"/"back" are never typos);
+- a typo: one edit, not of the first letter, between words of at least 4 letters of which at
+  most one is a known word (so "horse"/"house", "black"/"back", "tiger"/"giger" are no typos);
 - reordering of whole tags or sentences, and dropped separators inside an otherwise equal text.
 
 Anything else refuses, named by the most telling category of the words that differ: `text`
@@ -26,9 +26,12 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import chain
 
 from consumers.semantic import lexicon as lx
 
+# Refusal reasons, most telling first ("preposition" ranks a lone in/on/at change last and is
+# reported as "spatial").
 REASONS = ("text", "weight", "negation", "count", "color", "age", "gender", "season_weather",
            "time_of_day", "spatial", "species", "medium", "style", "artist", "subject",
            "other", "preposition", "binding", "role", "empty")
@@ -56,84 +59,13 @@ _NOUN_PREFIX = re.compile(rf"^(?:(?:a|an|the)\s+)?(?:{lx.REQUEST_NOUNS})\s+of\s+
 _SUFFIX = re.compile(rf"[\s,;.!]*(?:(?<![\w'])(?:{lx.POLITE_SUFFIX})(?!\w)|:\)|:-\)|<3)[\s,;.!]*$")
 _EMOTICON = re.compile(r"(?<![\w(])[:;=]-?[)(dp](?![\w:])")
 _WEIGHT = re.compile(r":\s*(-?\d+(?:\.\d+)?)(?![\w.])")
-_TOKEN = re.compile(
-    r"(?P<o>[(\[{])|(?P<c>[)\]}])|(?P<s>[,;|.!?:\n])"
-    r"|(?P<w>\x02-?\d+(?:\.\d+)?|\d+(?:\.\d+)?[^\W\d_]*|[^\W_]+(?:'[^\W_]+)*|&)|(?P<x>[^\w\s])"
-)
 _WMARK = "\x02"  # marks an explicit weight number: "(cat:1.3)" -> "cat^1", "\x021.3^1"
 
 
-def _phrase_table() -> dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]]:
-    table: dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]] = {}
-    for line in lx.SYNONYM_GROUPS:
-        forms = [tuple(f.split()) for f in line.split("|")]
-        for form in forms[1:] + [forms[0]]:
-            table.setdefault(form[0], []).append((form, forms[0]))
-    for options in table.values():
-        options.sort(key=lambda o: -len(o[0]))
-    return table
-
-
-_PHRASES = _phrase_table()
-_PHRASE_KEYS = frozenset(_PHRASES)
-# canonical single word -> its single-word spellings, so "hughly" is still a typo of "highly"
-_VARIANTS: dict[str, tuple[str, ...]] = {}
-for _line in lx.SYNONYM_GROUPS:
-    _forms = [f.strip() for f in _line.split("|") if " " not in f.strip()]
-    if _forms and _forms[0] == _line.split("|")[0].strip():
-        _VARIANTS[_forms[0]] = tuple(_forms)
-_SPELL_STEMS = sorted(lx.SPELLING, key=len, reverse=True)
-
-
-@lru_cache(maxsize=65536)
-def _norm_word(w: str) -> str:
-    if "'" in w:
-        w = w.strip("'")
-    if w.endswith("'s") and len(w) > 3:
-        w = w[:-2]
-    if w in lx.NUMBER_WORDS or not w:
-        return lx.NUMBER_WORDS.get(w, w)
-    for stem in _SPELL_STEMS:
-        if w.startswith(stem):
-            return lx.SPELLING[stem] + w[len(stem):]
-    if len(w) >= 7 and not w.endswith("wise"):
-        for end, rep in (("isation", "ization"), ("ised", "ized"), ("ising", "izing")):
-            if w.endswith(end):
-                return w[: -len(end)] + rep
-    return w
-
-
-def _apply_phrases(tokens: list[str]) -> list[str]:
-    """Rewrite synonym phrases to their canonical form; a rewrite is rescanned, so chains
-    such as "uhd 4k resolution" -> "4k resolution" -> "4k" resolve in one pass."""
-    if _PHRASE_KEYS.isdisjoint(tokens):
-        return tokens
-    out: list[str] = []
-    get = _PHRASES.get
-    i, n = 0, len(tokens)
-    while i < n:
-        options = get(tokens[i])
-        if options is not None:
-            for form, canon in options:
-                k = len(form)
-                if k == 1 or tuple(tokens[i:i + k]) == form:
-                    if form != canon:
-                        tokens = [*canon, *tokens[i + k:]]
-                        i, n = 0, len(tokens)
-                    else:
-                        out.extend(canon)
-                        i += k
-                    break
-            else:
-                out.append(tokens[i])
-                i += 1
-        else:
-            out.append(tokens[i])
-            i += 1
-    return out
-
 
 def _strip_suffix(text: str) -> str:
+    if not text.rstrip(" ,;.!").endswith(lx.POLITE_ENDS):
+        return text
     for _ in range(3):
         text, n = _SUFFIX.subn("", text)
         if not n:
@@ -150,15 +82,15 @@ class Parsed:
 
 
 def _parsed(segments: tuple[tuple[str, ...], ...], quoted: tuple[str, ...]) -> Parsed:
-    counts = Counter(t for seg in segments for t in seg)
+    counts = Counter(chain.from_iterable(segments))
     return Parsed(segments, quoted, frozenset(counts), counts)
-
-
 
 
 def _has_brackets(text: str) -> bool:
     return any(c in text for c in "()[]{}")
 
+
+_BRACKETS = re.compile(r"([()\[\]{}])")
 _PERIOD = re.compile(r"(?<!\d)\.|\.(?!\d)")
 _SEP = "\x01"
 _FAST = str.maketrans({**{c: _SEP for c in ",;|!?:\n"},
@@ -178,53 +110,46 @@ def parse(text: str) -> Parsed:
     text = _NOUN_PREFIX.sub("", _PREFIX.sub("", text))
     if ":" in text or ";" in text or "=" in text:
         text = _WEIGHT.sub(lambda m: f" {_WMARK}{m.group(1)} ", _EMOTICON.sub(" ", text))
-    if not text.isascii() or _has_brackets(text):
-        return _parsed(_tokenise_slow(text), quoted)
+    if not text.isascii():
+        text = text.translate({ord(c): _unicode_char(c) for c in set(text) if not c.isascii()})
     if "." in text:
         text = text.replace(". ", _SEP)
         if "." in text:
             text = _PERIOD.sub(_SEP, text)
-    segments = []
-    drop, norm = lx.DROP, _norm_word
-    for part in text.translate(_FAST).split(_SEP):
-        toks = [w for w in map(norm, part.split()) if w not in drop]
-        if toks:
-            segments.append(tuple(_apply_phrases(toks)))
-    return _parsed(tuple(segments), quoted)
-
-
-def _tokenise_slow(text: str) -> tuple[tuple[str, ...], ...]:
-    """Brackets (emphasis depth) and non-ASCII text (emoji kept as words, other scripts too)."""
     segments: list[tuple[str, ...]] = []
     current: list[str] = []
     depth = 0
-    for m in _TOKEN.finditer(text):
-        kind = m.lastgroup
-        if kind == "o":
-            depth += 1
-        elif kind == "c":
-            depth = max(0, depth - 1)
-        elif kind == "s":
-            if current:
-                segments.append(tuple(_apply_phrases(current)))
+    drop, cache, norm = lx.DROP, lx.NORM_CACHE, lx.norm_word
+    for piece in _BRACKETS.split(text) if _has_brackets(text) else (text,):
+        if len(piece) == 1 and piece in "([{)]}":
+            depth = depth + 1 if piece in "([{" else max(0, depth - 1)
+            continue
+        for j, part in enumerate(piece.translate(_FAST).split(_SEP)):
+            if j and current:
+                segments.append(tuple(lx.apply_phrases(current)))
                 current = []
-        else:
-            tok = m.group()
-            if kind == "x":
-                cat = unicodedata.category(tok)
-                if ord(tok) < 128 or cat.startswith("P"):
-                    if cat.startswith("P") and ord(tok) >= 128 and current:
-                        segments.append(tuple(_apply_phrases(current)))
-                        current = []
-                    continue
-            else:
-                tok = _norm_word(tok)
-            if tok in lx.DROP:
-                continue
-            current.append(f"{tok}^{depth}" if depth else tok)
+            toks = [w for w in (cache[x] if x in cache else norm(x) for x in part.split())
+                    if w not in drop]
+            current.extend(f"{t}^{depth}" for t in toks) if depth else current.extend(toks)
     if current:
-        segments.append(tuple(_apply_phrases(current)))
-    return tuple(segments)
+        segments.append(tuple(lx.apply_phrases(current)))
+    return _parsed(tuple(segments), quoted)
+
+
+@lru_cache(maxsize=4096)
+def _unicode_char(c: str) -> str:
+    """Non-ASCII: letters and digits stay in words, punctuation separates, symbols (emoji)
+    become words of their own, marks and format characters vanish."""
+    cat = unicodedata.category(c)
+    if cat[0] in "LN":
+        return c
+    if cat in ("Ps", "Pe", "Pi", "Pf", "Pd", "Pc"):
+        return " "
+    if cat[0] == "P":
+        return _SEP
+    if cat[0] == "S":
+        return f" {c} "
+    return "" if cat[0] in "MC" else " "
 
 
 # ---------------------------------------------------------------------------- word tests
@@ -233,80 +158,27 @@ def _base(tok: str) -> str:
     return tok.split("^", 1)[0]
 
 
-@lru_cache(maxsize=65536)
-def singular(w: str) -> str:
-    if w in lx.IRREGULAR_PLURALS:
-        return lx.IRREGULAR_PLURALS[w]
-    if len(w) <= 3 or not w.isalpha() or w in lx.UNCOUNTABLE_S or w.endswith(("ss", "us", "is")):
-        return w
-    if w.endswith("ies") and len(w) > 4:
-        return w[:-3] + "y"
-    if w.endswith(("ches", "shes", "xes", "zes", "sses", "oes")):
-        return w[:-2]
-    if w.endswith("s"):
-        return w[:-1]
-    return w
-
-
 _CATEGORIES = (("negation", lx.NEGATION), ("count", lx.COUNT), ("color", lx.COLOR),
                ("age", lx.AGE), ("gender", lx.GENDER), ("season_weather", lx.SEASON_WEATHER),
                ("time_of_day", lx.TIME_OF_DAY), ("spatial", lx.SPATIAL),
                ("species", lx.SPECIES), ("medium", lx.MEDIUM), ("style", lx.STYLE),
                ("preposition", lx.PREPOSITION))
-_LEXICON = frozenset().union(*(words for _, words in _CATEGORIES))
+lx.CATEGORY_WORDS = frozenset().union(*(words for _, words in _CATEGORIES))
 _ORDER = {r: i for i, r in enumerate(REASONS)}
-_DICT: dict[str, int] | None = None
-KNOWN_FREQ = 500  # a word seen this often in the spelling dictionary is a real word
-
-
-def _dictionary() -> dict[str, int]:
-    global _DICT
-    if _DICT is None:
-        try:
-            from spellchecker import SpellChecker
-            _DICT = dict(SpellChecker(distance=1).word_frequency.dictionary)
-        except Exception:  # no dictionary: nothing counts as an unknown word, no typo forgiven
-            _DICT = {}
-    return _DICT
-
-
-def _known(w: str) -> bool:
-    d = _dictionary()
-    if not d:
-        return True
-    return singular(w) in _LEXICON or d.get(w, 0) >= KNOWN_FREQ or not w.isalpha()
-
-
-def _edits(a: str, b: str, limit: int) -> int:
-    """Optimal-string-alignment distance, or limit + 1 once it exceeds limit."""
-    if abs(len(a) - len(b)) > limit:
-        return limit + 1
-    prev2: list[int] = []
-    prev = list(range(len(b) + 1))
-    for i in range(1, len(a) + 1):
-        cur = [i] + [0] * len(b)
-        for j in range(1, len(b) + 1):
-            cost = a[i - 1] != b[j - 1]
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
-            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
-                cur[j] = min(cur[j], prev2[j - 2] + 1)
-        if min(cur) > limit:
-            return limit + 1
-        prev2, prev = prev, cur
-    return prev[-1]
-
-
 def _is_typo(x: str, y: str) -> bool:
     bx, by = _base(x), _base(y)
     if x[len(bx):] != y[len(by):] or min(len(bx), len(by)) < 4:
         return False
-    if not (bx.isalpha() and by.isalpha()) or singular(bx) == singular(by):
+    if not (bx.isalpha() and by.isalpha() and bx.isascii() and by.isascii()):
+        return False  # digits, emoji, other scripts (one CJK character is a whole word)
+    if lx.singular(bx) == lx.singular(by):
         return False
-    limit = 2 if min(len(bx), len(by)) >= 8 else 1
-    for vx in _VARIANTS.get(bx, (bx,)):
-        for vy in _VARIANTS.get(by, (by,)):
-            if min(len(vx), len(vy)) >= 4 and _edits(vx, vy, limit) <= limit:
-                return not (_known(vx) and _known(vy))
+    for vx in lx.VARIANTS.get(bx, (bx,)):
+        for vy in lx.VARIANTS.get(by, (by,)):
+            # one edit, never on the first letter: "tiger"/"giger", "matte"/"latte" are no typos
+            if (min(len(vx), len(vy)) >= 4 and vx[0] == vy[0]
+                    and lx.edit_distance(vx, vy, 1) <= 1):
+                return not (lx.known_word(vx) and lx.known_word(vy))
     return False
 
 
@@ -314,7 +186,7 @@ def category(tok: str, segment: tuple[str, ...] = ()) -> str:
     w = _base(tok)
     if w.startswith(_WMARK):
         return "weight"
-    s = singular(w)
+    s = lx.singular(w)
     for name, words in _CATEGORIES:
         if w in words or s in words:
             return name
@@ -353,13 +225,13 @@ def _merge_compounds(segments: tuple[tuple[str, ...], ...], own: frozenset[str],
         toks, i, merged = [], 0, False
         while i < len(seg):
             if i + 1 < len(seg) and (seg[i], seg[i + 1]) in pairs:
-                toks.append(_norm_word(seg[i] + seg[i + 1]))
+                toks.append(lx.norm_word(seg[i] + seg[i + 1]))
                 i += 2
                 merged = True
             else:
                 toks.append(seg[i])
                 i += 1
-        out.append(tuple(_apply_phrases(toks)) if merged else seg)
+        out.append(tuple(lx.apply_phrases(toks)) if merged else seg)
     return tuple(out)
 
 
@@ -385,7 +257,7 @@ def _order_reason(sa, sb) -> Verdict:
     rest_a, rest_b = Counter(common), Counter(common)
     left_a = [t for s in sa if not _take(rest_a, s) for t in s]
     left_b = [t for s in sb if not _take(rest_b, s) for t in s]
-    if left_a == left_b:
+    if left_a == left_b or sorted(_clauses(sa)) == sorted(_clauses(sb)):
         return OK
     detail = f"order: {' '.join(map(_base, left_a))[:80]} | {' '.join(map(_base, left_b))[:80]}"
     nexts_a = {(t, left_a[i + 1]) for i, t in enumerate(left_a[:-1]) if _base(t) in lx.ATTRIBUTE}
@@ -395,6 +267,28 @@ def _order_reason(sa, sb) -> Verdict:
     if any(_base(t) in lx.SPATIAL for t in left_a):
         return Verdict(False, "spatial", detail)
     return Verdict(False, "role", detail)
+
+
+def _clauses(segments) -> list[tuple[str, ...]]:
+    """Finer pieces for reordering: split at "and" and after "by" ("by a and b" = "by b and a")."""
+    out: list[tuple[str, ...]] = []
+    for seg in segments:
+        piece: list[str] = []
+        for t in seg:
+            if t == "and":
+                out.append(tuple(piece))
+                piece = []
+            else:
+                piece.append(t)
+                if t == "by":
+                    out.append(tuple(piece))
+                    piece = []
+        out.append(tuple(piece))
+    return out
+
+
+def _without_and(segments) -> list[str]:
+    return [t for s in segments for t in s if t != "and"]
 
 
 def _take(counter: Counter, seg) -> bool:
@@ -440,6 +334,8 @@ def verify(a: str, b: str) -> Verdict:
                         break
                 else:
                     break  # x has no partner: refuse
+        if set(only_a) | set(only_b) == {"and"} and _without_and(sa) == _without_and(sb):
+            return OK  # "muscled and young" / "muscled young", "a cat and a dog" / "a cat, a dog"
         if only_a or only_b:
             return _refuse(list(only_a.elements()), list(only_b.elements()), sa, sb)
         sa = tuple(tuple(fix_a.get(t, t) for t in s) for s in sa)
@@ -448,12 +344,15 @@ def verify(a: str, b: str) -> Verdict:
 
 
 def _refuse(left_a: list[str], left_b: list[str], sa, sb) -> Verdict:
-    detail = f"-{' '.join(left_a)[:100]} +{' '.join(left_b)[:100]}"
-    sing_a, sing_b = {singular(_base(t)) for t in left_a}, {singular(_base(t)) for t in left_b}
+    detail = f"-{' '.join(left_a)[:100]} +{' '.join(left_b)[:100]}".replace(_WMARK, ":")
+    shared = {_base(t) for t in left_a} & {_base(t) for t in left_b}
+    left_a = [t for t in left_a if _base(t) not in shared and not t.startswith(_WMARK)]
+    left_b = [t for t in left_b if _base(t) not in shared and not t.startswith(_WMARK)]
+    if not left_a and not left_b:  # only emphasis differs: "(cat:1.3)" vs "cat"
+        return Verdict(False, "weight", "emphasis " + detail)
+    bases_a, bases_b = {_base(t) for t in left_a}, {_base(t) for t in left_b}
+    sing_a, sing_b = {lx.singular(t) for t in bases_a}, {lx.singular(t) for t in bases_b}
     if sing_a & sing_b:
         return Verdict(False, "count", "singular/plural " + detail)
-    bases_a, bases_b = {_base(t) for t in left_a}, {_base(t) for t in left_b}
     extras = [(t, _segment_of(t, sa)) for t in left_a] + [(t, _segment_of(t, sb)) for t in left_b]
-    if bases_a & bases_b:
-        extras.append((_WMARK, ()))  # same word, other emphasis
     return Verdict(False, _pick_reason(extras), detail)
