@@ -4,7 +4,6 @@ and PostgreSQL from `pgserver`, with their data under the data directory."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -132,6 +131,3 @@ class EmbeddedPostgres:
         pgserver.pg_ctl([*args, action], pgdata=self.data_dir,
                         user="pgserver" if os.geteuid() == 0 else None)
 
-
-def wipe(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

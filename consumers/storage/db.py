@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
 from consumers.storage import stats
 from schemas.events import ChangeEvent
@@ -94,14 +93,6 @@ class MetadataStore:
         except BaseException:
             await self.aclose()
             raise
-
-    async def entry(self, entry_id: str) -> dict[str, Any] | None:
-        conn = await self._connection()
-        async with conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute("SELECT * FROM cache_entries WHERE entry_id = %s", (entry_id,))
-            row = await cur.fetchone()
-        await conn.rollback()
-        return row
 
     async def prune_applied(self, older_than: timedelta = timedelta(days=2)) -> int:
         conn = await self._connection()
