@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     janitor_interval: Duration = timedelta(seconds=30)
     janitor_lock_ttl: Duration = timedelta(seconds=60)
     results_retention: Duration = timedelta(days=1)
+    changes_retention: Duration = timedelta(hours=1)  # change events kept after every group read them
     consumer_idle: Duration = timedelta(hours=1)  # idle consumers with nothing pending go
     orphan_grace: Duration = timedelta(hours=1)  # unregistered files younger than this stay
     orphan_interval: Duration = timedelta(hours=1)

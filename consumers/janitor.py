@@ -8,7 +8,7 @@ Each pass:
 - storage cap: above the high watermark (95% of the limit) evicts least recently used entries
   down to the low watermark (90%); writers reserve bytes before writing, so the cap holds;
 - streams: XTRIM MINID below the oldest entry every group still needs (never MAXLEN), results
-  kept for `results_retention`; removes consumers idle past `consumer_idle` with nothing pending.
+  kept for `results_retention`, change events for at least `changes_retention`; removes consumers idle past `consumer_idle` with nothing pending.
 On start, and every `orphan_interval`, it sweeps orphans (files no entry uses, entries whose
 file is gone) and reconciles the byte account against the store.
 """
@@ -74,6 +74,7 @@ class Janitor:
                  interval: timedelta = timedelta(seconds=30),
                  lock_ttl: timedelta = timedelta(seconds=60),
                  results_retention: timedelta = timedelta(days=1),
+                 changes_retention: timedelta = timedelta(hours=1),
                  consumer_idle: timedelta = timedelta(hours=1),
                  orphan_grace: timedelta = timedelta(hours=1),
                  orphan_interval: timedelta = timedelta(hours=1),
@@ -87,6 +88,7 @@ class Janitor:
         self.interval = interval
         self.lock_ttl = lock_ttl
         self.results_retention = results_retention
+        self.changes_retention = changes_retention
         self.consumer_idle = consumer_idle
         self.orphan_grace = orphan_grace
         self.orphan_interval = orphan_interval
@@ -208,6 +210,9 @@ class Janitor:
     async def trim_streams(self) -> None:
         for stream in (self.keys.requests, self.keys.generate, self.keys.changes):
             floor = await safe_trim_id(self.redis, stream)
+            if floor is not None and stream == self.keys.changes:  # and kept for a while
+                kept = int((time.time() - self.changes_retention.total_seconds()) * 1000)
+                floor = _older(floor, f"{kept}-0")
             if floor is not None:
                 self.trimmed += await self.redis.xtrim(stream, minid=floor, approximate=False)
         cutoff = int((time.time() - self.results_retention.total_seconds()) * 1000)

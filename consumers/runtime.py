@@ -124,6 +124,7 @@ async def run_janitor(settings: Settings, *, burst: bool = False) -> Janitor:
                           ttl=settings.ttl, interval=settings.janitor_interval,
                           lock_ttl=settings.janitor_lock_ttl,
                           results_retention=settings.results_retention,
+                          changes_retention=settings.changes_retention,
                           consumer_idle=settings.consumer_idle,
                           orphan_grace=settings.orphan_grace,
                           orphan_interval=settings.orphan_interval, block=settings.block)

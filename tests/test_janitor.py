@@ -12,6 +12,7 @@ from tests.helpers import CountingGenerator, send, worker_for
 
 
 def _janitor(redis, keys, consumer="j1", **kw) -> Janitor:
+    kw.setdefault("changes_retention", timedelta(0))
     return Janitor(redis=redis, keys=keys, consumer=consumer, block=timedelta(milliseconds=50),
                    **kw)
 
@@ -30,6 +31,20 @@ async def test_trimming_keeps_pending_and_undelivered_entries(redis, keys):
     await _janitor(redis, keys).trim_streams()
     left = [m.decode() for m, _ in await redis.xrange(keys.requests)]
     assert left == ids[3:]
+
+
+async def test_change_events_are_kept_for_their_retention(redis, keys):
+    from consumers.keys import PERSISTER_GROUP
+
+    await ensure_group(redis, keys.changes, PERSISTER_GROUP)
+    for _ in range(3):
+        await redis.xadd(keys.changes, {"data": b"{}"})
+    got = await redis.xreadgroup(PERSISTER_GROUP, "p", {keys.changes: ">"}, count=10)
+    await redis.xack(keys.changes, PERSISTER_GROUP, *[m for m, _ in got[0][1]])
+    await _janitor(redis, keys, changes_retention=timedelta(hours=1)).trim_streams()
+    assert await redis.xlen(keys.changes) == 3  # read by every group, but recent
+    await _janitor(redis, keys, changes_retention=timedelta(0)).trim_streams()
+    assert await redis.xlen(keys.changes) == 0
 
 
 async def test_stream_without_groups_is_not_trimmed(redis, keys):
