@@ -62,7 +62,8 @@ async def safe_trim_id(redis: aioredis.Redis, stream: str) -> str | None:
         candidate = _next_id(_text(group["last-delivered-id"]))
         if group["pending"]:
             summary = await redis.xpending(stream, group["name"])
-            candidate = _older(_text(summary["min"]), candidate)
+            if summary["min"] is not None:  # acked since XINFO: nothing lower is needed
+                candidate = _older(_text(summary["min"]), candidate)
         floor = candidate if floor is None else _older(floor, candidate)
     return floor
 
