@@ -25,12 +25,20 @@ from dataclasses import dataclass
 from consumers.errors import RequestRejected
 from consumers.optimizer.enhance import STYLES
 from consumers.optimizer.enhance import enhance as _enhance
-from consumers.optimizer.policy import ALLOW_ALL, PolicySettings, Violation, check
+from consumers.optimizer.policy import ALLOW_ALL, PolicySettings, screen
 from consumers.optimizer.standardise import PromptRejected, repair_weights
 from consumers.optimizer.standardise import standardise as _standardise
-from consumers.optimizer.tokens import WINDOW, Fitted, count, fits, split_tags, window_text
+from consumers.optimizer.tokens import (
+    WINDOW,
+    Fitted,
+    count,
+    count_tag,
+    fits,
+    split_tags,
+    window_text,
+)
 from consumers.optimizer.tokens import fit as fit_window
-from consumers.prompts import canonical_prompt
+from consumers.prompts import canonical_prompt, clean_prompt
 
 # (`standardise` and `enhance` are imported under other names so that
 # `consumers.optimizer.standardise` stays the module.)
@@ -74,26 +82,41 @@ class Optimized:
         return f"{self.version}+e" if self.enhanced else self.version
 
 
-def _fit_user(text: str) -> Fitted:
-    """The user's own tags fitted to the window (trailing tags dropped first)."""
-    fitted = fit_window(split_tags(text), [])
+def _fit_user(tags: list[str]) -> tuple[Fitted, list[str]]:
+    """The user's own tags fitted to the window (trailing tags dropped first), and the tags."""
+    fitted = fit_window(tags, [])
     if not fitted.dropped:
-        return fitted
-    # cut short: a weighting group may have lost its closing bracket
-    repaired = fit_window(split_tags(repair_weights(fitted.text)), [])
-    return Fitted(repaired.text, repaired.tokens, fitted.dropped + repaired.dropped)
+        return fitted, tags
+    if any(c in fitted.text for c in "()[]"):  # cut short: a group may have lost its closer
+        repaired = fit_window(split_tags(clean_prompt(repair_weights(fitted.text))), [])
+        fitted = Fitted(repaired.text, repaired.tokens, fitted.dropped + repaired.dropped)
+    return fitted, split_tags(fitted.text)
 
 
-def _with_extras(user: Fitted, extras: tuple[str, ...]) -> Fitted:
+def _with_extras(user: Fitted, tags: list[str], extras: tuple[str, ...]) -> Fitted:
     """`user` followed by `extras` (enhancers or default negatives), extras dropped to fit."""
     if not extras:
         return user
-    tags = split_tags(user.text)
     if not tags:
         return fit_window([], list(extras))
     last = tags[-1].rstrip(".!?;: ") or tags[-1]  # "a red car, highly detailed", not "car.,"
-    return fit_window(tags[:-1] + [last], list(extras),
-                      tags_count=user.tokens if last == tags[-1] else None)
+    n = user.tokens
+    if last != tags[-1]:  # the stripped marks were one word to CLIP when a letter precedes them
+        n = n - count_tag(tags[-1][len(last):].strip()) if last[-1].isalnum() else None
+    return fit_window(tags[:-1] + [last], list(extras), tags_count=n)
+
+
+def _key_form(text: str) -> str:
+    """`canonical_prompt(text)` for text that is already clean (standardised): the same string
+    without a third clean-up pass (a test checks they agree on every real prompt)."""
+    if '"' in text or "'" in text or text.endswith((",", ";", " ")):
+        return canonical_prompt(text)
+    text = text.lower()
+    if text.endswith((".", "!")):  # canonical_prompt's `(?<!\d)[.!]+$`, without a regex
+        run = len(text) - len(text.rstrip(".!"))
+        keep = 1 if text[-run - 1:-run].isdigit() else 0  # "1." keeps its point
+        text = text[:len(text) - run + keep].strip()
+    return text
 
 
 def _shown(dropped: tuple[str, ...]) -> tuple[str, ...]:
@@ -115,29 +138,32 @@ def optimize(prompt: str, negative: str | None = None, *, enabled: bool = True,
         std = _standardise(prompt)
     except PromptRejected as exc:
         raise Refused(exc.code, None, exc.message) from None
-    violation: Violation | None = check(std.text, policy or PolicySettings())
-    if violation is not None:
+    screened = screen(std.text, policy or PolicySettings())
+    if (violation := screened.violation) is not None:
         raise Refused("blocked_content", violation.category, violation.message)
     changes = list(std.changes)
 
     neg_std: str | None = None
+    neg_tags: list[str] = []
     if isinstance(negative, str):  # a negative is never refused: it says what not to draw
         try:
-            neg_std = _standardise(negative).text
+            neg = _standardise(negative)
+            neg_std, neg_tags = neg.text, list(neg.tags)
         except PromptRejected as exc:
             changes.append(f"negative prompt ignored: {exc.message}")
 
     # The user's tags are fitted first and enhancers chosen from what the generator will read,
     # so text past the window (the same prompt to a truncating backend) cannot change them.
-    user = _fit_user(std.text)
-    user_neg = _fit_user(neg_std) if neg_std else Fitted("", 0, ())
-    enhancement = _enhance(user.text, neg_std) if enabled else None
-    final = _with_extras(user, enhancement.enhancers if enhancement else ())
-    final_neg = _with_extras(user_neg, enhancement.negatives if enhancement else ())
+    user, tags = _fit_user(list(std.tags))
+    user_neg, neg_tags = _fit_user(neg_tags) if neg_std else (Fitted("", 0, ()), [])
+    words = screened.words if user.text == std.text else None  # read once, by the policy
+    enhancement = _enhance(user.text, neg_std, words=words) if enabled else None
+    final = _with_extras(user, tags, enhancement.enhancers if enhancement else ())
+    final_neg = _with_extras(user_neg, neg_tags, enhancement.negatives if enhancement else ())
     # A truncating backend reads only the window: its key is the user's prompt as fitted to
     # it, which is exactly the user's part of what the generator is sent.
-    key_prompt = canonical_prompt(user.text if truncates else std.text)
-    key_negative = canonical_prompt(user_neg.text if truncates else neg_std) if neg_std else None
+    key_prompt = _key_form(user.text if truncates else std.text)
+    key_negative = _key_form(user_neg.text if truncates else neg_std) if neg_std else None
     return Optimized(
         prompt_used=final.text, negative_used=final_neg.text or None,
         key_prompt=key_prompt, key_negative=key_negative or None,

@@ -14,6 +14,7 @@ Enhancers go after the user's tags, so fitting the 77-token window drops them fi
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 _DETAIL = ("highly detailed|high detail|hyper detailed|ultra detailed|intricate details|"
@@ -85,6 +86,7 @@ for _style in STYLES:
     for _trigger in _style.triggers:
         _TRIGGERS.setdefault(_trigger, _style)
 _FIRST_WORDS = frozenset(t.split()[0] for t in _TRIGGERS if " " in t)
+_ANY_TRIGGER = _FIRST_WORDS | frozenset(t for t in _TRIGGERS if " " not in t)
 _MAX_TRIGGER_WORDS = max(len(t.split()) for t in _TRIGGERS)
 
 
@@ -104,8 +106,12 @@ class _Entry:
                    tuple(f" {a} " for a in aliases if " " in a), '"' in aliases)
 
     def present(self, text: str, words: frozenset[str], joined: str) -> bool:
-        return bool(words & self.words) or any(p in joined for p in self.phrases) or (
-            self.quote and '"' in text)
+        if not words.isdisjoint(self.words) or (self.quote and '"' in text):
+            return True
+        for phrase in self.phrases:
+            if phrase in joined:
+                return True
+        return False
 
 
 _ENTRIES: dict[str, tuple[tuple[_Entry, ...], tuple[_Entry, ...]]] = {
@@ -120,8 +126,11 @@ class Enhancement:
     negatives: tuple[str, ...]  # tags to append to the negative prompt, in order
 
 
-def _style_of(words: list[str]) -> Style:
-    for i, word in enumerate(words):
+def _style_of(words: list[str], present: frozenset[str]) -> Style:
+    if not (candidates := present & _ANY_TRIGGER):  # no trigger at all: no walk
+        return DEFAULT
+    for i in range(min(map(words.index, candidates)), len(words)):
+        word = words[i]
         if word in _FIRST_WORDS:  # longest trigger first at one position
             for n in range(min(_MAX_TRIGGER_WORDS, len(words) - i), 1, -1):
                 if (style := _TRIGGERS.get(" ".join(words[i:i + n]))) is not None:
@@ -133,15 +142,18 @@ def _style_of(words: list[str]) -> Style:
 
 def detect_style(text: str) -> Style:
     """The style of the first trigger in `text`, else DEFAULT."""
-    return _style_of(_WORD.findall(text.lower()))
+    words = _WORD.findall(text.lower())
+    return _style_of(words, frozenset(words))
 
 
-def enhance(prompt: str, negative: str | None = None) -> Enhancement:
+def enhance(prompt: str, negative: str | None = None, *,
+            words: Sequence[str] | None = None) -> Enhancement:
     """Enhancers and default negatives for a standardised `prompt` and the user's standardised
-    `negative` (which they never duplicate)."""
-    listed = _WORD.findall(prompt.lower())
-    style = _style_of(listed)
+    `negative` (which they never duplicate). `words`: the prompt's lower-case words, when the
+    caller has them already."""
+    listed = list(words) if words is not None else _WORD.findall(prompt.lower())
     words, joined = frozenset(listed), f" {' '.join(listed)} "
+    style = _style_of(listed, words)
     enhancer_entries, negative_entries = _ENTRIES[style.name]
     enhancers = tuple(e.tag for e in enhancer_entries if not e.present(prompt, words, joined))
     negatives: tuple[str, ...] = ()

@@ -65,9 +65,11 @@ class _Terms:
     """One term list, parsed once. Entries: "word", "several words", "stem*"."""
 
     words: frozenset[str]
-    stems: tuple[str, ...]                        # " decapitat": a word starting with it
-    phrases: Mapping[str, tuple[str, ...]]        # first word -> " several words " entries
-    ignore: Mapping[str, tuple[str, ...]]         # phrases removed first ("al gore")
+    stems: tuple[str, ...]                 # " decapitat": a word starting with it
+    phrases: Mapping[str, tuple[str, ...]]  # first word -> " several words " entries
+    ignore: Mapping[str, tuple[str, ...]]   # phrases removed first ("al gore")
+    firsts: frozenset[str]                 # the keys of `phrases`
+    ignore_firsts: frozenset[str]          # the keys of `ignore`
 
     @staticmethod
     def _index(phrases: list[str]) -> Mapping[str, tuple[str, ...]]:
@@ -79,15 +81,17 @@ class _Terms:
     @classmethod
     def of(cls, entries: str, ignore: str = "") -> _Terms:
         items = [e.strip() for e in entries.split(",") if e.strip()]
+        phrases = cls._index([e for e in items if " " in e])
+        skip = cls._index([e.strip() for e in ignore.split(",") if e.strip()])
         return cls(frozenset(e for e in items if " " not in e and not e.endswith("*")),
                    tuple(f" {e[:-1]}" for e in items if e.endswith("*")),
-                   cls._index([e for e in items if " " in e]),
-                   cls._index([e.strip() for e in ignore.split(",") if e.strip()]))
+                   phrases, skip, frozenset(phrases), frozenset(skip))
 
     def find(self, text: _Text) -> str | None:
         """The first entry found in `text` (whole words), or None."""
         joined, words = text.joined, text.words
-        if skip := [p for w in words & self.ignore.keys() for p in self.ignore[w] if p in joined]:
+        if (near := words & self.ignore_firsts) and (
+                skip := [p for w in near for p in self.ignore[w] if p in joined]):
             for phrase in skip:
                 joined = joined.replace(phrase, " ")
             words = frozenset(joined.split())
@@ -96,10 +100,11 @@ class _Terms:
         for stem in self.stems:
             if (at := joined.find(stem)) >= 0:
                 return joined[at + 1:joined.index(" ", at + 1)]
-        for first in sorted(words & self.phrases.keys()):
-            for phrase in self.phrases[first]:
-                if phrase in joined:
-                    return phrase.strip()
+        if starts := words & self.firsts:
+            for first in sorted(starts):
+                for phrase in self.phrases[first]:
+                    if phrase in joined:
+                        return phrase.strip()
         for run in text.runs:  # spaced-out letters: any entry inside the run
             for entry in sorted(self.words) + [s.strip() for s in self.stems]:
                 if len(entry) > 2 and entry in run:
@@ -113,8 +118,8 @@ _SEXUAL = (
     "pornographic, pornography, nsfw, xxx, erotic, erotica, eroticism, seductive, seduction, "
     "seducing, sensual, sultry, provocative, lingerie, underwear, panties, panty, bra, thong, "
     "bikini, cleavage, breasts, boobs, tits, nipples, nipple, genitals, genitalia, penis, vagina, "
-    "vulva, pussy, crotch, lewd, hentai, ecchi, fetish, bdsm, bondage, orgasm, masturbat*, aroused, "
-    "horny, spread legs, legs spread, stripper, striptease, intercourse, blowjob, fellatio, cum, "
+    "vulva, pussy, crotch, lewd, hentai, ecchi, fetish, bdsm, bondage, orgasm, masturbat*, "
+    "aroused, horny, spread legs, legs spread, stripper, striptease, intercourse, blowjob, fellatio, cum, "
     "cumshot, semen, ejaculat*, rape, raped, molest*, groping, lap dance, pinup, pin up, boudoir, "
     "skimpy, see through, onlyfans, playboy, uncensored")
 
@@ -173,7 +178,8 @@ TERMS: Mapping[str, _Terms] = MappingProxyType({
         "85mm, canon eos, nikon, " + _SEXUAL),
 })
 
-_NAMED = re.compile(r"\b(?:photo|photograph|selfie|mugshot|footage|paparazzi shot|press photo)s?"
+# no leading \b: the regex engine then scans for the literals (`_real_person` checks the start)
+_NAMED = re.compile(r"(?:photo|photograph|selfie|mugshot|footage|paparazzi shot|press photo)s?"
                     r" of ((?:[A-Z][a-z]+)(?: [A-Z][a-z]+){1,2})\b")
 _NAMED_HINTS = ("photo", "selfie", "mugshot", "footage", "paparazzi")
 _NOT_PERSON = frozenset(
@@ -182,18 +188,22 @@ _NOT_PERSON = frozenset(
     "Valley Canyon Falls Desert Forest Sea Ocean Bay New San Los Las Saint St North South East "
     "West Great Grand Old Times Empire State Central Golden Gate Eiffel Santa Claus Mickey "
     "Mouse Harry Potter Darth Vader Iron Man Spider Batman Superman".split())
-_AGE = re.compile(
-    r"(?<![\d.])(\d(?: ?\d)?) ?-? ?(?:(?:years?|yrs?) ?-? ?old|y ?/ ?o|yo)\b|"
-    r"\b(?:aged?) (\d(?: ?\d)?)\b|"
-    r"\b(one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|"
-    r"fifteen|sixteen|seventeen) ?-? ?years? ?-? ?old\b")
-_AGE_HINTS = ("year", "yr", "yo", "y/o", "y / o", "age")
-_LEET = re.compile(r"[a-z][013457@$€]|[013457@$€][a-z]")  # "l0li", "s3x", "$exy"
+# An age under 18. Each pattern starts with what the regex engine can scan for (no leading
+# assertion); `_minor_age` checks that a word starts there.
+_AGE_NUMBER = re.compile(r"(\d(?: ?\d)?) ?-? ?(?:(?:years?|yrs?) ?-? ?old|y ?/ ?o|yo)\b")
+_AGE_AGED = re.compile(r"aged? (\d(?: ?\d)?)\b")
+_AGE_WORDS = re.compile(r"(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|"
+                        r"thirteen|fourteen|fifteen|sixteen|seventeen) ?-? ?years? ?-? ?old\b")
+# Leetspeak inside a word ("l0li", "s3x", "$exy", "5exy", "nud3"), not "8k", "3d", "1950s" or
+# "4th". It starts with the leet character so that the regex engine can scan for it.
+_LEET = re.compile(r"[013457@$](?:(?<=[a-z].)(?=[013457@$]*[a-z])|(?<=[@$])(?=[a-z])"
+                   r"|(?<![a-z0-9_].)(?<=[013457])(?!st|nd|rd|th)(?=[a-z]{2})"
+                   r"|(?<=[a-z]{2}.)(?<=[013457])(?![a-z0-9_]))")
+_SPACED = re.compile(r" [a-z] [a-z] [a-z] ")
 _WORDS = re.compile(r"[^\W_]+")
-_LEET_I = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a",
-                         "$": "s", "€": "e"})
-_LEET_L = str.maketrans({"0": "o", "1": "l", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a",
-                         "$": "s", "€": "e"})
+_COMBINING = re.compile("[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]")
+_LEET_I = str.maketrans("013457@$", "oieastas")
+_LEET_L = str.maketrans("013457@$", "oleastas")
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,14 +214,15 @@ class _Text:
 
     words: frozenset[str]
     joined: str
-    spaced: bool  # three or more one-character words in a row
+    spaced: bool  # three one-letter words in a row ("n u d e"), not spaced digits ("1 9 5 0")
     runs: tuple[str, ...] = ()
+    listed: tuple[str, ...] = ()  # the words in order
 
     @classmethod
     def of(cls, text: str, *, squeeze: bool = False) -> _Text:
         words = _WORDS.findall(text)
-        spaced = any(len(a) == len(b) == len(c) == 1
-                     for a, b, c in zip(words, words[1:], words[2:], strict=False))
+        joined = f" {' '.join(words)} "
+        spaced = _SPACED.search(joined) is not None
         runs: list[str] = []
         if squeeze and spaced:
             run: list[str] = []
@@ -222,7 +233,7 @@ class _Text:
                 if len(run) >= 3:
                     runs.append("".join(run))
                 run = []
-        return cls(frozenset(words), f" {' '.join(words)} ", spaced, tuple(runs))
+        return cls(frozenset(words), joined, spaced, tuple(runs), tuple(words))
 
 
 def _fold(text: str) -> str:
@@ -230,14 +241,23 @@ def _fold(text: str) -> str:
     text = text.lower()
     if text.isascii():
         return text
-    return "".join(c for c in unicodedata.normalize("NFKD", text)
-                   if not unicodedata.combining(c))
+    decomposed = unicodedata.normalize("NFKD", text)
+    return text if decomposed == text else _COMBINING.sub("", decomposed)
 
 
 def _minor_age(text: str) -> str | None:
-    for m in _AGE.finditer(text):
-        digits = (m[1] or m[2] or "").replace(" ", "")
-        if m[3] or (digits and int(digits) < 18):
+    matches = []
+    if "y" in text:
+        matches += _AGE_NUMBER.finditer(text)
+        if "year" in text:
+            matches += _AGE_WORDS.finditer(text)
+    if "age" in text:
+        matches += _AGE_AGED.finditer(text)
+    for m in matches:
+        before = text[m.start() - 1] if m.start() else " "
+        if before.isalnum() or before == ".":  # "1.5 years old", "image 12", "thirty-one"
+            continue
+        if m.re is _AGE_WORDS or int(m[1].replace(" ", "")) < 18:
             return m[0]
     return None
 
@@ -251,7 +271,7 @@ def _minors_sexual(base: str, plain: _Text) -> str | None:
         if term := TERMS["minors_sexual"].find(v):
             return term
     minor = next((t for v in variants if (t := TERMS["minor"].find(v))), None)
-    if minor is None and any(k in base for k in _AGE_HINTS):
+    if minor is None:
         minor = _minor_age(base)
     if minor is None:
         return None
@@ -265,7 +285,8 @@ def _real_person(text: str, base: str, plain: _Text) -> str | None:
         if not any(k in base for k in _NAMED_HINTS):
             return None
         m = next((m for m in _NAMED.finditer(text)
-                  if not _NOT_PERSON.intersection(m[1].split())), None)
+                  if not (m.start() and text[m.start() - 1].isalnum())
+                  and not _NOT_PERSON.intersection(m[1].split())), None)
         if m is None:
             return None
         name = m[1].lower()
@@ -273,19 +294,30 @@ def _real_person(text: str, base: str, plain: _Text) -> str | None:
     return f"{name} + {cue}" if cue else None
 
 
-def check(text: str, settings: PolicySettings) -> Violation | None:
-    """The first refused category that `text` falls in, or None. `text` is the standardised
-    prompt (case kept: the "photo of First Last" pattern reads capitals)."""
+@dataclass(frozen=True, slots=True)
+class Screened:
+    violation: Violation | None
+    words: tuple[str, ...]  # the prompt's lower-case words, accents removed (for the enhancers)
+
+
+def screen(text: str, settings: PolicySettings) -> Screened:
+    """The first refused category that `text` falls in (or None), and the words read. `text`
+    is the standardised prompt (case kept: the "photo of First Last" pattern reads capitals)."""
     base = _fold(text)
     plain = _Text.of(base)
     if term := _minors_sexual(base, plain):
-        return Violation(ALWAYS_REFUSED, term)
+        return Screened(Violation(ALWAYS_REFUSED, term), plain.listed)
     for category in ("explicit", "gore", "hate"):
         if settings.refuses(category) and (term := TERMS[category].find(plain)):
-            return Violation(category, term)
+            return Screened(Violation(category, term), plain.listed)
     if settings.refuses("real_person") and (term := _real_person(text, base, plain)):
-        return Violation("real_person", term)
-    return None
+        return Screened(Violation("real_person", term), plain.listed)
+    return Screened(None, plain.listed)
+
+
+def check(text: str, settings: PolicySettings) -> Violation | None:
+    """The first refused category that `text` falls in, or None."""
+    return screen(text, settings).violation
 
 
 ALLOW_ALL = PolicySettings(explicit="allow", gore="allow", hate="allow", real_person="allow")

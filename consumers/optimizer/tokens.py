@@ -6,7 +6,8 @@ counted with `instant-clip-tokenizer`, a Rust port of OpenAI's `simple_tokenizer
 `bpe_simple_vocab_16e6.txt` compiled into its extension module (nothing is downloaded, no torch).
 It skips two steps of the original: `ftfy.fix_text` and `html.unescape`; our standardisation
 already makes quotes and dashes plain, and `html.unescape` is done here. On the 15,498 prompts in
-../shared/data/prompts (after `clean_prompt`) its ids equal the original's for every prompt.
+../shared/data/prompts (after `clean_prompt`) and on the 30,646 prompts and negatives `optimize`
+makes of them, its ids equal those of OpenAI's `simple_tokenizer.py` for every one.
 
 Weighting syntax is counted as written: a truncating backend reads `(cat:1.2)` as seven tokens;
 a backend that parses the syntax (A1111) also splits long prompts into chunks and truncates
@@ -26,18 +27,29 @@ CONTEXT_LENGTH = 77
 WINDOW = CONTEXT_LENGTH - 2  # minus <start_of_text> and <end_of_text>
 
 _tokenizer = instant_clip_tokenizer.Tokenizer()
-_TAG_SPLIT = re.compile(r"(?<!\d),|,(?!\d)")
+_TAG_MARKS = re.compile(r'[",()\[\]]')
+_DIGIT_COMMA = re.compile(r"\d,\d")
+_LONG = 300  # characters of tags past which `fit` counts tag by tag (75 tokens ~ 350 chars)
 
 
 def split_tags(text: str) -> list[str]:
     """Comma-separated tags at the top level. A comma inside brackets or double quotes, or
     between two digits ("1,000"), does not split."""
-    if not any(c in text for c in '"([)]'):
-        return [t for t in (t.strip() for t in _TAG_SPLIT.split(text)) if t]
+    if not ('"' in text or "(" in text or "[" in text or ")" in text or "]" in text):
+        pieces = text.split(",")
+        if _DIGIT_COMMA.search(text):  # "1,000": glue digit,digit back
+            merged = [pieces[0]]
+            for piece in pieces[1:]:
+                if merged[-1][-1:].isdigit() and piece[:1].isdigit():
+                    merged[-1] += "," + piece
+                else:
+                    merged.append(piece)
+            pieces = merged
+        return [t for p in pieces if (t := p.strip())]
     tags: list[str] = []
-    depth, quoted, start = 0, False, 0
-    last = len(text) - 1
-    for i, c in enumerate(text):
+    depth, quoted, start, last = 0, False, 0, len(text) - 1
+    for match in _TAG_MARKS.finditer(text):  # only the marks, not every character
+        c, i = match[0], match.start()
         if c == '"':
             quoted = not quoted
         elif quoted:
@@ -46,8 +58,8 @@ def split_tags(text: str) -> list[str]:
             depth += 1
         elif c in ")]":
             depth = max(depth - 1, 0)
-        elif (c == "," and depth == 0
-              and not (0 < i < last and text[i - 1].isdigit() and text[i + 1].isdigit())):
+        elif depth == 0 and not (0 < i < last and text[i - 1].isdigit()
+                                 and text[i + 1].isdigit()):
             tags.append(text[start:i].strip())
             start = i + 1
     tags.append(text[start:].strip())
@@ -84,7 +96,8 @@ def count_tag(tag: str) -> int:
 def window_text(text: str) -> str:
     """`text` as a truncating backend reads it: unchanged when it fits, else its first 75 tokens
     decoded (CLIP's own lower-case spelling). Two prompts that differ only past the window give
-    the same string, which is what the cache key of a truncating generator needs."""
+    the same string. (`optimize` keys a truncating backend on the tags that fit instead: the
+    generator is never sent a tag cut in half, so that key is exact and no coarser.)"""
     ids = _tokenizer.encode(_prepare(text))
     if len(ids) <= WINDOW:
         return text
@@ -138,48 +151,70 @@ def fit(tags: list[str], extras: list[str], budget: int = WINDOW, *,
     then, if the first tag alone is too long, its trailing words. `tags_count`, when known, is
     the count of `", ".join(tags)`.
 
-    The fast path (everything fits) encodes at most once; a ", " is one token.
+    A ", " is one token and the extras' counts are cached, so while the user's tags fit this
+    encodes at most once; a long prompt is counted tag by tag, once.
     """
-    joined = ", ".join(tags + extras)
+    if tags_count is None and sum(map(len, tags)) > _LONG:
+        return _fit_tags(tags, extras, budget)
     n_tags = tags_count if tags_count is not None else (count(", ".join(tags)) if tags else 0)
-    total = n_tags + sum(count_tag(e) + 1 for e in extras) - (0 if tags else 1 if extras else 0)
-    if total <= budget:
-        if not _summable(tags[-1:] + extras):
-            total = count(joined)
-        if total <= budget:
-            return Fitted(joined, total, ())
-    return _fit_slow(tags, extras, budget)
-
-
-def _fit_slow(tags: list[str], extras: list[str], budget: int) -> Fitted:
+    if n_tags > budget:
+        return _fit_tags(tags, extras, budget)
+    kept = list(extras)
     dropped: list[str] = []
-    kept = list(tags)
-    extra = list(extras)
+    total = n_tags + sum(count_tag(e) + 1 for e in kept) - (0 if tags or not kept else 1)
+    while total > budget and kept:
+        e = kept.pop()
+        dropped.append(e)
+        total -= count_tag(e) + (1 if tags or kept else 0)
+    joined = ", ".join(tags + kept)
+    if kept and not _summable(tags[-1:] + kept):  # a punctuation run met a comma: count it
+        total = count(joined)
+        if total > budget:
+            return _fit_exact(tags, extras, budget)
+    return Fitted(joined, total, tuple(dropped))
+
+
+def _fit_tags(tags: list[str], extras: list[str], budget: int) -> Fitted:
+    """`fit` from per-tag counts, counting only as far as the window reaches: the kept tags
+    are the longest run from the first that fits (what dropping from the end leaves)."""
+    total, kept = -1, 0  # -1: n items take n - 1 separators
+    for tag in tags:
+        size = count(tag) + 1
+        if total + size > budget and kept:
+            break
+        total += size
+        kept += 1
+    extra: list[str] = []
+    if kept == len(tags):
+        for e in extras:
+            if total + count_tag(e) + 1 > budget:
+                break
+            total += count_tag(e) + 1
+            extra.append(e)
+    dropped = extras[len(extra):][::-1] + tags[kept:][::-1]
+    items = tags[:kept] + extra
+    if total <= budget and _summable(items):
+        return Fitted(", ".join(items), max(total, 0), tuple(dropped))
+    return _fit_exact(tags[:kept], extra, budget, dropped)
+
+
+def _fit_exact(tags: list[str], extras: list[str], budget: int,
+               dropped: list[str] | None = None) -> Fitted:
+    """`fit` counting the joined text after every step: for punctuation that runs into commas,
+    and for a first tag that alone is too long (cut between words)."""
+    dropped = list(dropped or [])
+    kept, extra = list(tags), list(extras)
     while True:
-        sizes = [count(t) for t in kept] + [count_tag(e) for e in extra]
-        total = sum(sizes) + max(len(sizes) - 1, 0)
-        while total > budget and extra:
-            e = extra.pop()
-            dropped.append(e)
-            total -= count_tag(e) + 1
-        while total > budget and len(kept) > 1:
-            t = kept.pop()
-            dropped.append(t)
-            total -= count(t) + 1
-        if total > budget and kept:
-            short = _cut_words(kept[0], budget)
-            if short != kept[0]:
-                dropped.append(kept[0][len(short):].strip(" ,"))
-            kept = [short]
         text = ", ".join(kept + extra)
         n = count(text)
         if n <= budget:
             return Fitted(text, n, tuple(d for d in dropped if d))
-        if extra:  # a punctuation run merged with a comma: drop one more and count again
+        if extra:
             dropped.append(extra.pop())
         elif len(kept) > 1:
             dropped.append(kept.pop())
-        elif budget > 1:  # unreachable (one tag is cut to fit); kept so the loop always ends
-            budget -= 1
-        else:
+        elif kept and (short := _cut_words(kept[0], budget)) != kept[0]:
+            dropped.append(kept[0][len(short):].strip(" ,"))
+            kept = [short]
+        else:  # unreachable: a cut text fits; kept so that the loop always ends
             return Fitted("", 0, tuple(dropped))
