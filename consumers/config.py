@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     orphan_grace: Duration = timedelta(hours=1)  # unregistered files younger than this stay
     orphan_interval: Duration = timedelta(hours=1)
 
+    # content policy (sexual content involving minors is always refused)
+    policy_explicit: Literal["refuse", "allow"] = "refuse"
+    policy_gore: Literal["refuse", "allow"] = "refuse"
+    policy_hate: Literal["refuse", "allow"] = "refuse"
+    policy_real_person: Literal["refuse", "allow"] = "refuse"
+
     # generator
     generator: GeneratorKind = "procedural"
     generator_latency_ms: int = Field(2000, ge=0)

@@ -15,16 +15,10 @@ from redis.exceptions import RedisError
 
 from consumers.cache.exact import CacheEntry, ExactCache
 from consumers.cache.registry import NO_ROOM, EntryRegistry, Eviction, Registered
-from consumers.errors import CacheUnavailable, RequestRejected
+from consumers.errors import CacheUnavailable
 from consumers.generators.base import GenerationRequest, Generator
-from consumers.prompts import (
-    OPTIMIZER_VERSION,
-    NormalizedParams,
-    cache_key,
-    canonical_prompt,
-    clean_prompt,
-    normalize_params,
-)
+from consumers.optimizer import PolicySettings, optimize
+from consumers.prompts import NormalizedParams, cache_key, normalize_params
 from consumers.storage.blobs import BlobStore, StoredBlob
 from consumers.thumbnails import make_thumbnail
 from schemas.events import CacheStatus, ChangeEvent, Request, Result
@@ -64,6 +58,7 @@ class Prepared:
     prompt_used: str
     negative: str | None
     key: str
+    optimizer_version: str
 
 
 class Pipeline:
@@ -76,8 +71,10 @@ class Pipeline:
 
     def __init__(self, *, generator: Generator, exact: ExactCache | None, blobs: BlobStore,
                  public_url: str, thumbnail_size: int = 256,
-                 registry: EntryRegistry | None = None) -> None:
+                 registry: EntryRegistry | None = None,
+                 policy: PolicySettings | None = None) -> None:
         self.generator = generator
+        self.policy = policy or PolicySettings()
         self.exact = exact
         self.registry = registry
         self.room_timeout_s = 30.0
@@ -94,14 +91,18 @@ class Pipeline:
                 f"{self.public_url}/thumbnails/{blob_sha256}.webp")
 
     def prepare(self, request: Request) -> Prepared:
+        """Optimise (raises Refused: a `rejected` answer that never reaches the cache or the
+        generator) and form the key from the user's canonical prompt, before enhancers."""
         params = normalize_params(request.params, default_model=self.generator.default_model)
-        canonical = canonical_prompt(request.prompt)
-        if not canonical:
-            raise RequestRejected("the prompt is empty after standardisation")
-        prompt_used = clean_prompt(request.prompt) if request.options.optimize else request.prompt
-        negative = clean_prompt(request.negative_prompt) if request.negative_prompt else None
-        key = cache_key(canonical, canonical_prompt(negative) if negative else None, params)
-        return Prepared(request, params, canonical, prompt_used, negative, key)
+        optimized = optimize(request.prompt, request.negative_prompt,
+                             enabled=request.options.optimize, policy=self.policy,
+                             truncates=self.generator.truncates_prompt)
+        if optimized.dropped:
+            log.info("prompt_fitted_to_window", dropped=list(optimized.dropped))
+        key = cache_key(optimized.key_prompt, optimized.key_negative, params,
+                        optimizer_version=optimized.key_version)
+        return Prepared(request, params, optimized.key_prompt, optimized.prompt_used,
+                        optimized.negative_used, key, optimized.version)
 
     async def _cached(self, prepared: Prepared) -> tuple[CacheEntry | None, bool]:
         """(entry, cache usable) for the exact key."""
@@ -162,6 +163,7 @@ class Pipeline:
                                   cache_usable: bool) -> tuple[Outcome, CacheEntry]:
         request, params, key = prepared.request, prepared.params, prepared.key
         canonical, prompt_used, negative = prepared.canonical, prepared.prompt_used, prepared.negative
+        version = prepared.optimizer_version
         mode = request.options.cache
         started = time.monotonic()
         image = await self.generator.generate(GenerationRequest(
@@ -174,7 +176,7 @@ class Pipeline:
         entry = CacheEntry(entry_id=new_entry_id(), blob_sha256=blob.sha256,
                            content_type=image.content_type, width=image.width,
                            height=image.height, prompt_used=prompt_used,
-                           canonical_prompt=canonical, optimizer_version=OPTIMIZER_VERSION,
+                           canonical_prompt=canonical, optimizer_version=version,
                            created_at=time.time(), generation_ms=round(generation_ms, 1))
         # reserve the bytes (evicting LRU entries when the cap needs it), then write
         changes: list[ChangeEvent] = []
@@ -195,7 +197,7 @@ class Pipeline:
             type="entry_stored", entry_id=entry.entry_id, at=entry.created_at, cache_key=key,
             tier=status, request_id=request.request_id, prompt=request.prompt,
             canonical_prompt=canonical, negative_prompt=negative, params=params.as_dict(),
-            optimizer_version=OPTIMIZER_VERSION, generator=self.generator.name,
+            optimizer_version=version, generator=self.generator.name,
             blob_sha256=blob.sha256, content_type=image.content_type, width=image.width,
             height=image.height, image_bytes=blob.image_bytes,
             thumbnail_bytes=blob.thumbnail_bytes, generation_ms=generation_ms)
@@ -203,7 +205,7 @@ class Pipeline:
                         entry_id=entry.entry_id, image_url=image_url,
                         thumbnail_url=thumbnail_url, width=image.width, height=image.height,
                         content_type=image.content_type, prompt_used=prompt_used,
-                        optimizer_version=OPTIMIZER_VERSION)
+                        optimizer_version=version)
         return Outcome(result, [*changes, stored]), entry
 
     async def _register(self, entry: CacheEntry, key: str, blob: StoredBlob,

@@ -19,8 +19,6 @@ from dataclasses import asdict, dataclass
 
 from schemas.events import Params
 
-# Bumped whenever a rule here changes what a prompt turns into; part of every cache key.
-OPTIMIZER_VERSION = "1"
 KEY_SCHEMA = "k1"
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u2028-\u202e\u2060\ufeff]")
@@ -106,7 +104,7 @@ def cache_key(
     canonical: str,
     negative_canonical: str | None,
     params: NormalizedParams,
-    optimizer_version: str = OPTIMIZER_VERSION,
+    optimizer_version: str,
 ) -> str:
     """sha256 over everything that changes the picture."""
     material = json.dumps(

@@ -16,6 +16,7 @@ from consumers.config import Settings
 from consumers.errors import ConfigError
 from consumers.generators import Generator, build_generator
 from consumers.janitor import Janitor
+from consumers.optimizer import PolicySettings
 from consumers.keys import Keys
 from consumers.persister import Persister
 from consumers.pipeline import Pipeline
@@ -68,7 +69,11 @@ def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aior
                         blobs=blobs, public_url=settings.effective_public_url,
                         thumbnail_size=settings.thumbnail_size,
                         registry=registry(cache_redis, keys, blobs, settings) if cache_redis
-                        else None)
+                        else None,
+                        policy=PolicySettings(explicit=settings.policy_explicit,
+                                              gore=settings.policy_gore,
+                                              hate=settings.policy_hate,
+                                              real_person=settings.policy_real_person))
     return Worker(redis=redis, keys=keys, pipeline=pipeline, consumer=consumer,
                   batch_size=settings.batch_size, max_in_flight=settings.max_in_flight,
                   generation_concurrency=settings.generation_concurrency,

@@ -21,7 +21,8 @@ from schemas.events import Request, Result
 
 @dataclass
 class CountingGenerator:
-    """The procedural generator, counting calls; prompts in `fail_with` raise instead."""
+    """The procedural generator, counting calls; prompts that start with a key of `fail_with`
+    raise instead (the optimizer appends quality enhancers to what the generator is sent)."""
 
     latency_ms: int = 0
     fail_with: dict[str, Exception] = field(default_factory=dict)
@@ -35,8 +36,9 @@ class CountingGenerator:
 
     async def generate(self, request: GenerationRequest) -> GeneratedImage:
         self.calls.append(request.prompt)
-        if request.prompt in self.fail_with:
-            raise self.fail_with[request.prompt]
+        for trigger, exc in self.fail_with.items():
+            if request.prompt == trigger or request.prompt.startswith(f"{trigger},"):
+                raise exc
         return await self._inner.generate(request)
 
     async def aclose(self) -> None:

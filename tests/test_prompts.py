@@ -50,13 +50,13 @@ def test_params_defaults_are_filled_and_aliases_folded():
 
 def test_cache_key_covers_every_picture_changing_input():
     params = normalize_params(Params(), default_model="m")
-    base = cache_key("fox", None, params)
-    assert base == cache_key("fox", "", params)
+    base = cache_key("fox", None, params, "2")
+    assert base == cache_key("fox", "", params, "2")
     assert len({
         base,
-        cache_key("fox", "blurry", params),
-        cache_key("fox", None, normalize_params(Params(seed=1), default_model="m")),
-        cache_key("fox", None, normalize_params(Params(), default_model="other")),
-        cache_key("fox", None, params, optimizer_version="999"),
-        cache_key("fox2", None, params),
+        cache_key("fox", "blurry", params, "2"),
+        cache_key("fox", None, normalize_params(Params(seed=1), default_model="m"), "2"),
+        cache_key("fox", None, normalize_params(Params(), default_model="other"), "2"),
+        cache_key("fox", None, params, "2+e"),
+        cache_key("fox2", None, params, "2"),
     }) == 6

@@ -35,7 +35,9 @@ async def test_miss_then_exact_hit_for_the_same_prompt_retyped(redis, keys, sett
     assert [r.cache for r in first] == ["miss"] and [r.cache for r in second] == ["exact"]
     assert len(gen.calls) == 1
     assert first[0].entry_id == second[0].entry_id and first[0].image_url == second[0].image_url
-    assert first[0].optimizer_version and first[0].prompt_used == "A red fox in the snow, golden hour"
+    assert first[0].optimizer_version == "2"
+    assert first[0].prompt_used.startswith("A red fox in the snow, golden hour, ")  # + enhancers
+    assert gen.calls == [first[0].prompt_used]
     # the URL names a real file and thumbnail in the store
     name = first[0].image_url.rsplit("/", 1)[1]
     sha = name.split(".")[0]
@@ -160,6 +162,30 @@ async def test_slow_generations_do_not_hold_up_cache_hits(redis, keys, tmp_path,
         assert hit.cache == "exact" and hit.latency_ms < 1000, hit
         assert not await results_for(redis, keys.results, "slow2")  # still queued behind slots
         await wait_until(lambda: _result_count(redis, keys, "slow2"), timeout=15)
+
+
+async def test_blocked_content_is_rejected_before_the_cache_and_the_generator(redis, keys, settings):
+    gen = CountingGenerator()
+    await send(redis, keys.requests, request_id="gory", prompt="a gory battlefield, entrails")
+    await worker_for(settings, redis, gen).run(burst=True)
+    [result] = await results_for(redis, keys.results, "gory")
+    assert result.status == "rejected" and result.error.code == "blocked_content"
+    assert "gore" in result.error.message and gen.calls == []
+    assert not [k async for k in redis.scan_iter(match=keys.exact("*"))]
+
+
+async def test_optimize_false_sends_the_prompt_without_enhancers_under_its_own_key(
+        redis, keys, settings):
+    gen = CountingGenerator()
+    await send(redis, keys.requests, request_id="on", prompt="a portrait photo of an old sailor")
+    await worker_for(settings, redis, gen).run(burst=True)
+    await send(redis, keys.requests, request_id="off", prompt="a portrait photo of an old sailor",
+               options={"optimize": False})
+    await worker_for(settings, redis, gen).run(burst=True)
+    by_id = {r.request_id: r for r in await results(redis, keys.results)}
+    assert by_id["on"].cache == by_id["off"].cache == "miss"  # a different picture: not shared
+    assert by_id["off"].prompt_used == "a portrait photo of an old sailor"
+    assert len(by_id["on"].prompt_used) > len(by_id["off"].prompt_used)
 
 
 async def test_generator_refusal_is_a_failed_result_not_a_retry(redis, keys, settings):
