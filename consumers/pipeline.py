@@ -59,6 +59,7 @@ class Prepared:
     negative: str | None
     key: str
     optimizer_version: str
+    dropped: tuple[str, ...] = ()
 
 
 class Pipeline:
@@ -102,7 +103,7 @@ class Pipeline:
         key = cache_key(optimized.key_prompt, optimized.key_negative, params,
                         optimizer_version=optimized.key_version)
         return Prepared(request, params, optimized.key_prompt, optimized.prompt_used,
-                        optimized.negative_used, key, optimized.version)
+                        optimized.negative_used, key, optimized.version, optimized.dropped)
 
     async def _cached(self, prepared: Prepared) -> tuple[CacheEntry | None, bool]:
         """(entry, cache usable) for the exact key."""
@@ -125,7 +126,7 @@ class Pipeline:
         if request.options.cache != "use":
             return None
         entry, _ = await self._cached(prepared)
-        return self._hit(request, entry, "exact") if entry is not None else None
+        return self._hit(prepared, entry, "exact") if entry is not None else None
 
     async def generate(self, request: Request) -> Outcome:
         """The slow path. Raises GenerationFailed when the generator cannot make the image."""
@@ -135,10 +136,10 @@ class Pipeline:
         if mode == "use":
             entry, cache_usable = await self._cached(prepared)
             if entry is not None:  # made by another request while this one queued
-                return self._hit(request, entry, "coalesced")
+                return self._hit(prepared, entry, "coalesced")
             if (leader := self._in_flight.get(prepared.key)) is not None:
                 try:
-                    return self._hit(request, await asyncio.shield(leader), "coalesced")
+                    return self._hit(prepared, await asyncio.shield(leader), "coalesced")
                 except Exception:  # noqa: BLE001 - the leader failed: try ourselves
                     pass
         future: asyncio.Future[CacheEntry] | None = None
@@ -205,7 +206,7 @@ class Pipeline:
                         entry_id=entry.entry_id, image_url=image_url,
                         thumbnail_url=thumbnail_url, width=image.width, height=image.height,
                         content_type=image.content_type, prompt_used=prompt_used,
-                        optimizer_version=version)
+                        dropped=list(prepared.dropped) or None, optimizer_version=version)
         return Outcome(result, [*changes, stored]), entry
 
     async def _register(self, entry: CacheEntry, key: str, blob: StoredBlob,
@@ -235,12 +236,14 @@ class Pipeline:
             log.warning("cache_unavailable", error=str(exc))
             return False
 
-    def _hit(self, request: Request, entry: CacheEntry, tier: CacheStatus) -> Outcome:
+    def _hit(self, prepared: Prepared, entry: CacheEntry, tier: CacheStatus) -> Outcome:
+        request = prepared.request
         image_url, thumbnail_url = self._urls(entry.blob_sha256, entry.content_type)
         result = Result(request_id=request.request_id, status="ok", cache=tier,
                         entry_id=entry.entry_id, image_url=image_url,
                         thumbnail_url=thumbnail_url, width=entry.width, height=entry.height,
                         content_type=entry.content_type, prompt_used=entry.prompt_used,
+                        dropped=list(prepared.dropped) or None,
                         optimizer_version=entry.optimizer_version)
         hit = ChangeEvent(type="entry_hit", entry_id=entry.entry_id, at=time.time(), tier=tier,
                           request_id=request.request_id, generation_ms=entry.generation_ms)

@@ -107,6 +107,7 @@ class Result(BaseModel):
     height: int | None = None
     content_type: str | None = None
     prompt_used: str | None = None
+    dropped: list[str] | None = None  # what the optimizer left out to fit the 77-token window
     optimizer_version: str | None = None
     latency_ms: float | None = None
     error: ErrorInfo | None = None

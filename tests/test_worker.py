@@ -322,3 +322,13 @@ async def _all_handed_off(redis: aioredis.Redis, keys: Keys, n: int) -> bool:
 
 async def _count_results(redis: aioredis.Redis, keys: Keys, n: int) -> bool:
     return len(await results(redis, keys.results)) == n
+
+
+async def test_a_prompt_past_the_77_token_window_reports_what_was_dropped(redis, keys, settings):
+    tags = ", ".join(f"detail number {i}" for i in range(40))
+    await send(redis, keys.requests, request_id="long", prompt=f"a lighthouse, {tags}")
+    await worker_for(settings, redis, CountingGenerator()).run(burst=True)
+    [result] = await results_for(redis, keys.results, "long")
+    assert result.status == "ok" and result.dropped
+    assert "detail number 39" in " ".join(result.dropped)
+    assert "detail number 39" not in result.prompt_used
