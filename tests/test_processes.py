@@ -233,3 +233,39 @@ def test_streams_redis_killed_and_restarted_with_aof_loses_nothing(tmp_path, key
         finally:
             worker.kill()
             server.stop()
+
+
+async def test_cache_store_down_then_back_bypasses_then_caches_again(redis_url, keys, tmp_path):
+    """CACHE_REDIS_URL on its own server: while it is down every request is still answered
+    (`bypass`); once it is back the cache is used again without a restart."""
+    from consumers.embedded import EmbeddedValkey
+    from consumers.runtime import cache_client, streams_client
+    from tests.conftest import make_settings
+    from tests.helpers import CountingGenerator, worker_for
+
+    cache_server = EmbeddedValkey(tmp_path / "cache").start()
+    settings = make_settings(tmp_path, redis_url, keys, cache_redis_url=cache_server.url)
+    streams = streams_client(redis_url)
+    cache = cache_client(cache_server.url, settings)
+    sync = syncredis.Redis.from_url(redis_url)
+    try:
+        async def ask(request_id: str) -> str:
+            await streams.xadd(keys.requests, {"data": Request(
+                request_id=request_id, prompt="a lighthouse in fog").model_dump_json()})
+            await worker_for(settings, streams, CountingGenerator(), cache_redis=cache).run(
+                burst=True)
+            return next(x.cache for x in _results(sync, keys) if x.request_id == request_id)
+
+        assert await ask("c1") == "miss"
+        assert await ask("c2") == "exact"
+        cache_server.stop()
+        started = time.monotonic()
+        assert await ask("c3") == "bypass"
+        assert time.monotonic() - started < 5
+        cache_server = EmbeddedValkey(cache_server.data_dir, port=cache_server.port).start()
+        assert await ask("c4") == "exact"  # the AOF kept the entry; the client reconnected
+    finally:
+        await streams.aclose()
+        await cache.aclose()
+        sync.close()
+        cache_server.stop()
