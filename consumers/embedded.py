@@ -116,15 +116,24 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         if self._server is not None:
+            url = self.url
             self._server.cleanup()  # type: ignore[attr-defined]
+            if (self.data_dir / "postmaster.pid").exists():  # restarted by pg_ctl: not tracked
+                try:
+                    self._pg_ctl("stop", url)
+                except Exception:  # noqa: BLE001 - already stopped
+                    pass
             self._server = None
 
     def pg_ctl(self, action: str) -> None:
         """`stop`/`start` the same cluster (same socket directory), for outage tests."""
+        self._pg_ctl(action, self.url)
+
+    def _pg_ctl(self, action: str, url: str) -> None:
         import pgserver
         from psycopg.conninfo import conninfo_to_dict
 
-        socket_dir = conninfo_to_dict(self.url).get("host") or str(self.data_dir)
+        socket_dir = conninfo_to_dict(url).get("host") or str(self.data_dir)
         args = ["-w", "-l", str(self.data_dir / "log")]
         if action in ("start", "restart"):
             args += ["-o", '-h ""', "-o", f"-k {socket_dir}"]
