@@ -1,62 +1,20 @@
-"""Operator commands: stats, purge, dead letters."""
+"""Operator commands: stats, purge, dead letters (flagging is in consumers/review.py)."""
 
 from __future__ import annotations
 
-import json
 import time
-from datetime import timedelta
 from typing import Any
 
 import psycopg
 import redis.asyncio as aioredis
-from psycopg.rows import dict_row
 
-from consumers.keys import GENERATE_GROUP, JANITOR_GROUP, PERSISTER_GROUP, REQUESTS_GROUP, Keys
 from consumers.cache.registry import EntryRegistry
-from consumers.pipeline import evicted_event
-from consumers.storage import stats
-from schemas.events import ChangeEvent, DeadLetter
+from consumers.keys import Keys
+from consumers.overview import database_stats, stream_stats
+from consumers.review import evict_entries
+from schemas.events import DeadLetter
 
-
-async def stream_stats(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
-    out: dict[str, Any] = {"streams": {}, "workers": []}
-    for stream, groups in ((keys.requests, [REQUESTS_GROUP]), (keys.generate, [GENERATE_GROUP]),
-                           (keys.results, []),
-                           (keys.dead_letter, []),
-                           (keys.changes, [PERSISTER_GROUP, JANITOR_GROUP])):
-        info: dict[str, Any] = {"length": await redis.xlen(stream), "groups": {}}
-        if groups and info["length"] is not None:
-            try:
-                for group in await redis.xinfo_groups(stream):
-                    name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
-                    info["groups"][name] = {"pending": group["pending"], "lag": group.get("lag"),
-                                            "consumers": group["consumers"]}
-            except aioredis.ResponseError:
-                pass
-        out["streams"][stream] = info
-    async for key in redis.scan_iter(match=keys.health("*"), count=500):
-        raw = await redis.get(key)
-        if raw:
-            out["workers"].append(json.loads(raw))
-    stored = await redis.get(keys.stored_bytes)
-    out["stored_bytes"] = int(stored) if stored else 0
-    out["entries"] = int(await redis.zcard(keys.lru))
-    return out
-
-
-def database_stats(database_url: str, since: timedelta = timedelta(hours=24)) -> dict[str, Any]:
-    """Entries now, and the hourly rollups of the last `since`."""
-    with psycopg.connect(database_url, row_factory=dict_row, connect_timeout=5) as conn:
-        entries = conn.execute(
-            "SELECT count(*) AS entries, coalesce(sum(image_bytes + thumbnail_bytes), 0)::bigint"
-            " AS bytes FROM cache_entries").fetchone() or {}
-        rows = conn.execute("SELECT * FROM stats_hourly WHERE hour >= now() - %s",
-                            (since,)).fetchall()
-        evictions = conn.execute(
-            "SELECT reason, sum(evictions)::bigint AS evictions, sum(bytes_freed)::bigint"
-            " AS bytes_freed FROM evictions_hourly WHERE hour >= now() - %s GROUP BY reason",
-            (since,)).fetchall()
-    return {**entries, **stats.summarise(rows, evictions, since)}
+__all__ = ["database_stats", "dead_letters", "purge", "render_stats", "replay", "stream_stats"]
 
 
 def render_stats(streams: dict[str, Any], db: dict[str, Any] | None) -> str:
@@ -122,17 +80,7 @@ async def purge(redis: aioredis.Redis, keys: Keys, database_url: str,
         ids |= {r.decode() for r in await registry.redis.zrange(keys.lru, 0, -1)}
     if entry_ids and not (prompt_like or older_than_s is not None):
         ids |= set(entry_ids)
-    purged = 0
-    for entry_id in sorted(ids):
-        eviction = await registry.evict(entry_id, reason="purge")
-        if eviction is None:  # not registered (any more): still drop the row
-            event = ChangeEvent(type="entry_evicted", entry_id=entry_id, at=time.time(),
-                                reason="purge")
-        else:
-            event = evicted_event(eviction, "purge")
-            purged += 1
-        await redis.xadd(keys.changes, {"data": event.model_dump_json(exclude_none=True)})
-    return purged
+    return await evict_entries(redis, keys, registry, sorted(ids), reason="purge")
 
 
 async def dead_letters(redis: aioredis.Redis, keys: Keys, count: int) -> list[tuple[str, DeadLetter]]:

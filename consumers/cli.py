@@ -66,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="entries created longer ago than this (e.g. 7d, 12h)")
     purge.add_argument("--all", action="store_true")
 
+    flag = sub.add_parser("flag", help="flag a cached image as bad: evicted and never served "
+                                       "again")
+    flag.add_argument("entry_id", metavar="ENTRY_ID")
+    flag.add_argument("--reason", default=None, help="why (recorded with the flag)")
+    served = sub.add_parser("served", help="the requests a cache entry was served to")
+    served.add_argument("entry_id", metavar="ENTRY_ID")
+    served.add_argument("--json", action="store_true")
+
     dead = sub.add_parser("dead-letter", help="list or replay dead letters")
     dead.add_argument("action", choices=["list", "replay"])
     dead.add_argument("ids", nargs="*", help="dead-letter entry ids to replay (default: all)")
@@ -121,6 +129,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             return asyncio.run(_purge(args, settings))
         case "dead-letter":
             return asyncio.run(_dead_letter(args, settings))
+        case "flag":
+            return asyncio.run(_flag(args, settings))
+        case "served":
+            return asyncio.run(_served(args, settings))
     return RET_OK
 
 
@@ -128,7 +140,7 @@ def _web(settings: Settings) -> None:
     import uvicorn
 
     from consumers.keys import Keys
-    from consumers.runtime import blob_store, streams_client
+    from consumers.runtime import blob_store, registry, streams_client
     from consumers.web import build_app
 
     import redis as syncredis
@@ -146,7 +158,17 @@ def _web(settings: Settings) -> None:
             syncredis.Redis.from_url(settings.redis_url, socket_timeout=2), keys,
             int(settings.storage_limit),
             cache=syncredis.Redis.from_url(cache_url, socket_timeout=2)))
-    app = build_app(blobs=blob_store(settings), redis=redis, keys=keys, metrics=metrics)
+    blobs = blob_store(settings)
+    entry_registry = None
+    if settings.redis_url:
+        cache_url = settings.effective_cache_redis_url or settings.redis_url
+        cache_redis = redis if cache_url == settings.redis_url else streams_client(cache_url)
+        entry_registry = registry(cache_redis, keys, blobs, settings)  # type: ignore[arg-type]
+    token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    app = build_app(blobs=blobs, redis=redis, keys=keys, metrics=metrics,
+                    registry=entry_registry, database_url=settings.database_url,
+                    admin_token=token, storage_limit=int(settings.storage_limit),
+                    generator=settings.generator)
     uvicorn.run(app, host=settings.web_host, port=settings.web_port, log_level="warning",
                 timeout_graceful_shutdown=5)
 
@@ -273,4 +295,55 @@ async def _dead_letter(args: argparse.Namespace, settings: Settings) -> int:
             print(f"replayed {await replay(redis, keys, args.ids or None)} entries")
     finally:
         await redis.aclose()
+    return RET_OK
+
+
+async def _flag(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.keys import Keys
+    from consumers.review import UnknownEntry, flag
+    from consumers.runtime import blob_store, registry, require_redis_url, streams_client
+
+    if not settings.database_url:
+        raise ConfigError("flag needs DATABASE_URL (the flag is recorded in PostgreSQL)")
+    redis = streams_client(require_redis_url(settings))
+    cache_url = settings.effective_cache_redis_url or ""
+    cache_redis = redis if cache_url == settings.redis_url else streams_client(cache_url)
+    keys = Keys(settings.prefix)
+    try:
+        flagged = await flag(redis, keys, registry(cache_redis, keys, blob_store(settings),
+                                                   settings),
+                             settings.database_url, args.entry_id, reason=args.reason)
+    except UnknownEntry as exc:
+        print(f"promptcache: {exc}", file=sys.stderr)
+        return RET_ERROR
+    finally:
+        await redis.aclose()
+        if cache_redis is not redis:
+            await cache_redis.aclose()
+    print(f"flagged {flagged.entry_id}{' (again)' if flagged.already else ''}: image "
+          f"{flagged.blob_sha256[:16]}… will not be served again; evicted "
+          f"{', '.join(flagged.evicted)}")
+    print(f"requests it was served to: promptcache served {flagged.entry_id}")
+    return RET_OK
+
+
+async def _served(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.review import served
+
+    if not settings.database_url:
+        raise ConfigError("served needs DATABASE_URL (requests are recorded in PostgreSQL)")
+    rows = await served(settings.database_url, args.entry_id)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return RET_OK
+    if not rows:
+        print(f"no requests recorded for {args.entry_id}", file=sys.stderr)
+        return RET_OK
+    import datetime as dt
+
+    for row in rows:
+        when = dt.datetime.fromtimestamp(row["at"], tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        latency = f"{row['latency_ms']:.1f} ms" if row["latency_ms"] is not None else "-"
+        print(f"{when}  {row['tier']:<10} {latency:>12}  {row['request_id']}"
+              f"{'  (generated it)' if row['generated'] else ''}")
     return RET_OK

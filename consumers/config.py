@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = 8750
     public_url: str | None = None  # base of image_url/thumbnail_url; default http://web_host:web_port
+    # `Authorization: Bearer <token>` for state-changing web endpoints (flag); unset: they are off
+    admin_token: SecretStr | None = None
 
     # worker
     batch_size: int = Field(32, ge=1, le=1000)

@@ -72,3 +72,8 @@ class Keys:
     @property
     def stored_bytes(self) -> str:
         return f"{self.prefix}:cache:stored-bytes"
+
+    @property
+    def flagged_blobs(self) -> str:
+        """Set of image sha256s an operator flagged as bad: never served again (no TTL)."""
+        return f"{self.prefix}:cache:flagged-blobs"

@@ -23,7 +23,7 @@ from consumers.storage.migrate import apply
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # Keys that are an account rather than a cache and so carry no TTL (the janitor owns them).
 NO_TTL_OK = ("cache:stored-bytes", "cache:entries", "cache:lru", "cache:blob-refs",
-             "metrics:results")
+             "metrics:results", "cache:flagged-blobs")
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +68,7 @@ def db(database_url: str) -> Iterator[str]:
     yield database_url
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("TRUNCATE cache_entries, cache_hits, applied_changes, stats_hourly,"
-                     " evictions_hourly")
+                     " evictions_hourly, entry_origins, flagged_entries")
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 
 from consumers.storage import stats
 from schemas.events import ChangeEvent
@@ -27,6 +28,10 @@ ON CONFLICT (entry_id) DO NOTHING
 _INSERT_HIT = """
 INSERT INTO cache_hits (entry_id, request_id, tier, latency_ms, at) VALUES (%s, %s, %s, %s, %s)
 ON CONFLICT (entry_id, request_id) DO NOTHING
+"""
+_INSERT_ORIGIN = """
+INSERT INTO entry_origins (entry_id, request_id, tier, latency_ms, at) VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (entry_id) DO NOTHING
 """
 _TOUCH = """
 UPDATE cache_entries SET last_used_at = GREATEST(last_used_at, %s), hit_count = hit_count + %s
@@ -80,6 +85,11 @@ class MetadataStore:
                          e.thumbnail_bytes, e.generation_ms, _ts(e.at), _ts(e.at))
                         for e in stored
                     ])
+                origins = [e for e in stored if e.request_id]
+                if origins:
+                    await cur.executemany(_INSERT_ORIGIN, [
+                        (e.entry_id, e.request_id, e.tier or "miss", e.latency_ms, _ts(e.at))
+                        for e in origins])
                 hits = [e for e in events if e.type == "entry_hit" and e.request_id]
                 for e in hits:
                     await cur.execute(_INSERT_HIT, (e.entry_id, e.request_id, e.tier,
@@ -100,3 +110,61 @@ class MetadataStore:
             await cur.execute("DELETE FROM applied_changes WHERE applied_at < now() - %s",
                               (older_than,))
             return cur.rowcount
+
+
+# review and invalidation: short-lived connections (operator actions, the dashboard)
+
+_SERVED = """
+SELECT request_id, tier, latency_ms, at, true AS generated FROM entry_origins WHERE entry_id = %s
+UNION ALL
+SELECT request_id, tier, latency_ms, at, false FROM cache_hits WHERE entry_id = %s
+ORDER BY at
+"""
+
+
+async def served_requests(database_url: str, entry_id: str) -> list[dict[str, Any]]:
+    """Every request an entry answered: the one that generated it, then each hit, oldest first."""
+    async with await psycopg.AsyncConnection.connect(
+            database_url, connect_timeout=5, row_factory=dict_row) as conn:
+        cur = await conn.execute(_SERVED, (entry_id, entry_id))
+        return [dict(row, at=row["at"].timestamp()) for row in await cur.fetchall()]
+
+
+async def entry_row(database_url: str, entry_id: str) -> dict[str, Any] | None:
+    """What PostgreSQL knows of an entry: its row, or its flag once it was flagged."""
+    async with await psycopg.AsyncConnection.connect(
+            database_url, connect_timeout=5, row_factory=dict_row) as conn:
+        cur = await conn.execute(
+            "SELECT entry_id, blob_sha256, cache_key, prompt, content_type, false AS flagged"
+            " FROM cache_entries WHERE entry_id = %s UNION ALL"
+            " SELECT entry_id, blob_sha256, cache_key, prompt, NULL, true FROM flagged_entries"
+            " WHERE entry_id = %s", (entry_id, entry_id))
+        return await cur.fetchone()
+
+
+async def entries_with_blob(database_url: str, blob_sha256: str) -> list[str]:
+    async with await psycopg.AsyncConnection.connect(database_url, connect_timeout=5) as conn:
+        cur = await conn.execute("SELECT entry_id FROM cache_entries WHERE blob_sha256 = %s",
+                                 (blob_sha256,))
+        return [row[0] for row in await cur.fetchall()]
+
+
+async def record_flag(database_url: str, *, entry_id: str, blob_sha256: str,
+                      cache_key: str | None, prompt: str | None, reason: str | None) -> bool:
+    """Record a flag (durably, before anything is evicted). False when it was already there."""
+    async with await psycopg.AsyncConnection.connect(database_url, connect_timeout=5) as conn:
+        cur = await conn.execute(
+            "INSERT INTO flagged_entries (entry_id, blob_sha256, cache_key, prompt, reason)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (entry_id) DO NOTHING",
+            (entry_id, blob_sha256, cache_key, prompt, reason))
+        return cur.rowcount == 1
+
+
+async def flagged_entries(database_url: str, limit: int = 50) -> list[dict[str, Any]]:
+    async with await psycopg.AsyncConnection.connect(
+            database_url, connect_timeout=5, row_factory=dict_row) as conn:
+        cur = await conn.execute(
+            "SELECT entry_id, blob_sha256, prompt, reason, flagged_at FROM flagged_entries"
+            " ORDER BY flagged_at DESC LIMIT %s", (limit,))
+        return [dict(row, flagged_at=row["flagged_at"].timestamp())
+                for row in await cur.fetchall()]
