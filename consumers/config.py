@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     storage_limit: ByteSize = ByteSize(10 * 1000**3)
     thumbnail_size: int = 256
     cache_timeout: Duration = timedelta(milliseconds=50)  # cache store: fail fast, then bypass
+    # cross-worker single flight: a dead holder's lock is taken over within this
+    flight_lock_ttl: Duration = timedelta(seconds=30)
 
     # janitor
     janitor_interval: Duration = timedelta(seconds=30)

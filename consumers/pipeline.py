@@ -14,6 +14,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from consumers.cache.exact import CacheEntry, ExactCache
+from consumers.cache.flight import Flight, Found
 from consumers.cache.registry import NO_ROOM, EntryRegistry, Eviction, Registered
 from consumers.errors import CacheUnavailable
 from consumers.generators.base import GenerationRequest, Generator
@@ -73,7 +74,7 @@ class Pipeline:
     def __init__(self, *, generator: Generator, exact: ExactCache | None, blobs: BlobStore,
                  public_url: str, thumbnail_size: int = 256,
                  registry: EntryRegistry | None = None,
-                 policy: PolicySettings | None = None) -> None:
+                 policy: PolicySettings | None = None, flight: Flight | None = None) -> None:
         self.generator = generator
         self.policy = policy or PolicySettings()
         self.exact = exact
@@ -82,9 +83,10 @@ class Pipeline:
         self.blobs = blobs
         self.public_url = public_url.rstrip("/")
         self.thumbnail_size = thumbnail_size
-        # In-process single flight: identical misses in this worker wait for one generation.
-        # (Across workers, a Redis lock does the same: the reliability issue.)
+        # In-process single flight: identical misses in this worker wait for one generation;
+        # its leader takes the cross-worker lock (`flight`) so other workers wait for it too.
         self._in_flight: dict[str, asyncio.Future[CacheEntry]] = {}
+        self.flight = flight
 
     def _urls(self, blob_sha256: str, content_type: str) -> tuple[str, str]:
         ext = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}[content_type]
@@ -147,7 +149,22 @@ class Pipeline:
             future = asyncio.get_running_loop().create_future()
             self._in_flight[prepared.key] = future
         try:
-            outcome, entry = await self._generate_and_store(prepared, cache_usable)
+            lease = None
+            if future is not None and cache_usable and self.flight is not None:
+                async def find() -> CacheEntry | None:
+                    return (await self._cached(prepared))[0]
+
+                joined = await self.flight.lead_or_follow(prepared.key, find)
+                if isinstance(joined, Found):  # another worker generated it meanwhile
+                    self._in_flight.pop(prepared.key, None)
+                    future.set_result(joined.value)
+                    return self._hit(prepared, joined.value, "coalesced")
+                lease = joined  # None: the cache store is down, generate without a lock
+            try:
+                outcome, entry = await self._generate_and_store(prepared, cache_usable)
+            finally:
+                if lease is not None:
+                    await lease.release()
         except BaseException as exc:
             if future is not None:
                 self._in_flight.pop(prepared.key, None)

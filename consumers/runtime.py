@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from consumers.cache.exact import ExactCache
+from consumers.cache.flight import Flight
 from consumers.cache.registry import EntryRegistry
 from consumers.config import Settings
 from consumers.errors import ConfigError
@@ -73,7 +74,9 @@ def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aior
                         policy=PolicySettings(explicit=settings.policy_explicit,
                                               gore=settings.policy_gore,
                                               hate=settings.policy_hate,
-                                              real_person=settings.policy_real_person))
+                                              real_person=settings.policy_real_person),
+                        flight=Flight(cache_redis, keys, ttl=settings.flight_lock_ttl)
+                        if cache_redis else None)
     return Worker(redis=redis, keys=keys, pipeline=pipeline, consumer=consumer,
                   batch_size=settings.batch_size, max_in_flight=settings.max_in_flight,
                   generation_concurrency=settings.generation_concurrency,
