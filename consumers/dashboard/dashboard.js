@@ -145,7 +145,8 @@ function renderStreams(streams) {
     const groups = Object.entries(info.groups);
     if (!groups.length) groups.push(["—", { lag: null, pending: null }]);
     for (const [group, g] of groups) {
-      body.append(el("tr", {}, el("td", { class: "name", title: name }, name),
+      const short = name.slice(name.lastIndexOf(":") + 1);  // the prefix is the same for all
+      body.append(el("tr", {}, el("td", { class: "name", title: name }, short),
         el("td", {}, num(info.length)), el("td", {}, group), el("td", {}, num(g.lag)),
         el("td", {}, num(g.pending))));
     }
@@ -189,7 +190,7 @@ async function flag(entryId, reason) {
     return;
   }
   say(`flagged ${entryId}: evicted ${data.evicted.join(", ")}; it will not be served again`);
-  await refreshRecent();
+  await refreshRecent(true);
 }
 
 function tile(r) {
@@ -224,12 +225,11 @@ function tile(r) {
   return node;
 }
 
-async function refreshRecent() {
+async function refreshRecent(force = false) {
   const data = await getJSON("/api/recent?count=48");
   const grid = $("grid");
-  const open = new Set([...grid.querySelectorAll(".tile")]
-    .filter((t) => t.querySelector(".confirm")).map((t) => t.dataset.requestId));
-  if (open.size) return; // do not pull a half-filled flag form from under the operator
+  // do not pull a half-filled flag form from under the operator
+  if (!force && grid.querySelector(".tile .confirm")) return;
   grid.replaceChildren(...data.results.map(tile));
   if (!data.results.length) grid.append(el("div", { class: "sub" }, "no results yet"));
 }
