@@ -275,6 +275,8 @@ def test_dashboard_shows_real_figures_and_thumbnails_and_flagging_removes_an_ima
         remaining = browser.evaluate(
             "[...document.querySelectorAll('.tile')].map(t => t.dataset.requestId)")
         assert sorted(remaining) == ["b2", "b3", "b5", "b6"]
+        browser.wait_for("document.getElementById('entries').textContent === '2'",
+                         what="the entry count to drop to 2")
         message = browser.evaluate("document.getElementById('message').textContent")
         assert message.startswith(f"flagged {bad.entry_id}"), message
         browser.screenshot(tmp_path / "dashboard-after-flag.png")

@@ -190,7 +190,7 @@ async function flag(entryId, reason) {
     return;
   }
   say(`flagged ${entryId}: evicted ${data.evicted.join(", ")}; it will not be served again`);
-  await refreshRecent(true);
+  await refresh(true);
 }
 
 function tile(r) {
@@ -234,7 +234,7 @@ async function refreshRecent(force = false) {
   if (!data.results.length) grid.append(el("div", { class: "sub" }, "no results yet"));
 }
 
-async function refresh() {
+async function refresh(force = false) {
   try {
     const s = await getJSON("/api/summary");
     const workers = s.streams ? s.streams.workers.length : 0;
@@ -243,7 +243,7 @@ async function refresh() {
     renderHourly(s.database);
     renderLatency(s.database);
     renderStreams(s.streams);
-    await refreshRecent();
+    await refreshRecent(force);
     $("updated").textContent = new Date().toLocaleTimeString();
     document.body.dataset.loaded = "true";
   } catch (err) {
