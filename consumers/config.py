@@ -115,6 +115,12 @@ class Settings(BaseSettings):
 
     @property
     def effective_public_url(self) -> str:
+    # calls to the backend at once per process (whatever asks), and the circuit breaker
+    generator_max_concurrency: int = Field(4, ge=1)
+    generator_breaker_failures: int = Field(5, ge=1)  # consecutive failures: open
+    generator_breaker_failure_rate: float = Field(0.5, gt=0, le=1)  # or this share of the window
+    generator_breaker_window: int = Field(20, ge=1)  # last N calls (rate needs half of them)
+    generator_breaker_cooldown: Duration = timedelta(seconds=30)  # open this long, then a probe
         return (self.public_url or f"http://{self.web_host}:{self.web_port}").rstrip("/")
 
     @property

@@ -5,11 +5,29 @@ from __future__ import annotations
 from consumers.config import Settings
 from consumers.errors import ConfigError
 from consumers.generators.base import GeneratedImage, GenerationRequest, Generator
+from consumers.generators.breaker import CircuitBreaker, GuardedGenerator
+from consumers.generators.http import secrets_of
 
-__all__ = ["GeneratedImage", "GenerationRequest", "Generator", "build_generator"]
+__all__ = ["GeneratedImage", "GenerationRequest", "Generator", "build_generator", "guarded"]
 
 
 def build_generator(settings: Settings) -> Generator:
+    """The configured backend behind the circuit breaker and the concurrency cap."""
+    return guarded(_backend(settings), settings)
+
+
+def guarded(inner: Generator, settings: Settings) -> GuardedGenerator:
+    breaker = CircuitBreaker(failures=settings.generator_breaker_failures,
+                             failure_rate=settings.generator_breaker_failure_rate,
+                             window=settings.generator_breaker_window,
+                             cooldown=settings.generator_breaker_cooldown.total_seconds(),
+                             name=inner.name)
+    return GuardedGenerator(inner, breaker=breaker,
+                            max_concurrency=settings.generator_max_concurrency,
+                            secrets=secrets_of(settings))
+
+
+def _backend(settings: Settings) -> Generator:
     kind = settings.generator
     if kind == "procedural":
         from consumers.generators.procedural import ProceduralGenerator

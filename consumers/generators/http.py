@@ -24,7 +24,7 @@ import io
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
@@ -59,6 +59,22 @@ TRANSIENT_HTTPX_ERRORS: tuple[type[Exception], ...] = (
     httpx.NetworkError,
     httpx.RemoteProtocolError,
 )
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret (4 characters or more) replaced by `***`."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def secrets_of(settings: Settings) -> tuple[str, ...]:
+    """What must never be quoted: the API key and, for `user:password` keys, the password."""
+    if settings.generator_api_key is None:
+        return ()
+    key = settings.generator_api_key.get_secret_value()
+    return tuple(s for s in (key, key.partition(":")[2]) if s)
 
 
 class Transient(Exception):
@@ -155,7 +171,9 @@ class RetryPolicy:
         backoff_cap: float = DEFAULT_BACKOFF_CAP,
         retry_after_cap: float = DEFAULT_RETRY_AFTER_CAP,
         rand: Callable[[], float] = random.random,
+        secrets: Iterable[str] = (),
     ) -> None:
+        self.secrets = tuple(secrets)
         self.max_retries = max_retries
         self.timeout = timeout
         self.backoff_base = backoff_base
@@ -169,7 +187,8 @@ class RetryPolicy:
         return cls(max_retries=settings.generator_max_retries,
                    timeout=settings.generator_timeout.total_seconds(),
                    backoff_base=backoff_base, backoff_cap=backoff_cap,
-                   retry_after_cap=max(DEFAULT_RETRY_AFTER_CAP, backoff_cap))
+                   retry_after_cap=max(DEFAULT_RETRY_AFTER_CAP, backoff_cap),
+                   secrets=secrets_of(settings))
 
     def new_deadline(self) -> float:
         """An event-loop-clock deadline `timeout` seconds from now."""
@@ -207,6 +226,7 @@ class RetryPolicy:
                     raise GeneratorTimeout(f"{backend} {operation}: no answer within the "
                                            f"{self.timeout:g}s deadline") from exc
                 failure, reason, status, retry_after = exc, "timed out", None, None
+            reason = scrub(reason, self.secrets)
             if attempt > self.max_retries:
                 raise GeneratorUnavailable(f"{backend} {operation}: gave up after {attempt} "
                                            f"attempts; last error: {reason}") from failure
