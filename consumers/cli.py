@@ -74,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     served.add_argument("entry_id", metavar="ENTRY_ID")
     served.add_argument("--json", action="store_true")
 
+    from consumers.ab import add_arguments as ab_arguments
+
+    ab_arguments(sub.add_parser("ab", help="measure the optimizer: a prompt set generated raw "
+                                           "and optimised, BRISQUE / CLIP, mean difference "
+                                           "with a 95%% CI"))
+
     dead = sub.add_parser("dead-letter", help="list or replay dead letters")
     dead.add_argument("action", choices=["list", "replay"])
     dead.add_argument("ids", nargs="*", help="dead-letter entry ids to replay (default: all)")
@@ -133,7 +139,20 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             return asyncio.run(_flag(args, settings))
         case "served":
             return asyncio.run(_served(args, settings))
+        case "ab":
+            return _ab(args, settings)
     return RET_OK
+
+
+def _ab(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.ab import INSTALL_HINT, missing_extra
+
+    if missing := missing_extra():
+        print(f"promptcache: {INSTALL_HINT} (missing: {', '.join(missing)})", file=sys.stderr)
+        return RET_USAGE
+    from consumers.ab.command import main as ab_main
+
+    return ab_main(args, settings)
 
 
 def _web(settings: Settings) -> None:
@@ -207,6 +226,12 @@ async def _submit(args: argparse.Namespace, settings: Settings) -> int:
               "(is a worker running? `promptcache stats` shows the streams)", file=sys.stderr)
         return RET_NOT_ANSWERED
     print(result.model_dump_json(indent=2))
+    # a one-line summary for people (stderr: stdout stays JSON); nothing is opened
+    print(f"{result.status}" + (f" ({result.cache})" if result.cache else "")
+          + (f" in {result.latency_ms:.0f} ms" if result.latency_ms is not None else "")
+          + (f"  image {result.image_url}" if result.image_url else "")
+          + (f"  error {result.error.code}: {result.error.message}" if result.error else ""),
+          file=sys.stderr)
     if result.status == "ok" and result.entry_id:
         from consumers.runtime import blob_store
 
