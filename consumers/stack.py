@@ -75,9 +75,13 @@ class Stack:
                    PROMPTCACHE_DATA_DIR=str(s.data_dir))
         self.children = [Child(f"worker-{i + 1}", ["worker"]) for i in range(self.workers)]
         self.children += [Child("janitor", ["janitor"]), Child("web", ["web"])]
+        started = time.monotonic()
         for child in self.children:
             child.start(env)
+            pid = child.process.pid if child.process is not None else "?"
+            self._print(f"  started {child.name} (pid {pid})")
         self._wait_ready(redis_url)
+        self._print(f"  ready in {time.monotonic() - started:.1f}s")
         self._print(self.where(redis_url, database_url))
         return env
 
@@ -109,7 +113,10 @@ class Stack:
             f"  results stream   {keys.results}",
             f"  redis            {redis_url}{'  (embedded)' if self.valkey else ''}",
             f"  postgresql       {database_url}{'  (embedded)' if self.postgres else ''}",
+            f"  dashboard        {s.effective_public_url}/"
+            + ("" if s.admin_token else "   (flagging over HTTP: set PROMPTCACHE_ADMIN_TOKEN)"),
             f"  images           {s.effective_public_url}/images/…  (files in {s.images_dir})",
+            f"  metrics          {s.effective_public_url}/metrics  (Prometheus)",
             f"  health           {s.effective_public_url}/readyz",
             f"  generator        {s.generator}"
             + (f" (simulated {s.generator_latency_ms} ms per image)"
