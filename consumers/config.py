@@ -79,6 +79,17 @@ class Settings(BaseSettings):
     # cross-worker single flight: a dead holder's lock is taken over within this
     flight_lock_ttl: Duration = timedelta(seconds=30)
 
+    # semantic tier (PROMPTCACHE_EMBEDDINGS=off: exact tier only)
+    embeddings: Literal["local", "openai", "off"] = "local"
+    embeddings_url: str | None = None  # openai: an OpenAI-compatible base URL ending in /v1
+    embeddings_model: str | None = None  # openai: the model name (default text-embedding-3-small)
+    embeddings_api_key: SecretStr | None = None
+    embeddings_dim: int | None = Field(None, ge=1)  # openai: checked against every reply
+    semantic_threshold: float = Field(0.75, ge=0.0, le=1.0)  # cosine, before the verifier
+    semantic_verifier: bool = True  # off: the threshold alone decides (not recommended)
+    semantic_top_k: int = Field(5, ge=1, le=100)
+    semantic_max_entries: int = Field(200_000, ge=0)  # per worker's in-memory index
+
     # janitor
     janitor_interval: Duration = timedelta(seconds=30)
     janitor_lock_ttl: Duration = timedelta(seconds=60)
@@ -104,6 +115,12 @@ class Settings(BaseSettings):
     generator_max_retries: int = Field(4, ge=0)
     generator_poll_interval: Duration = timedelta(seconds=1)
     runpod_endpoint_id: str | None = None
+    # calls to the backend at once per process (whatever asks), and the circuit breaker
+    generator_max_concurrency: int = Field(4, ge=1)
+    generator_breaker_failures: int = Field(5, ge=1)  # consecutive failures: open
+    generator_breaker_failure_rate: float = Field(0.5, gt=0, le=1)  # or this share of the window
+    generator_breaker_window: int = Field(20, ge=1)  # last N calls (rate needs half of them)
+    generator_breaker_cooldown: Duration = timedelta(seconds=30)  # open this long, then a probe
 
     # logs
     log_level: str = "INFO"
@@ -115,12 +132,6 @@ class Settings(BaseSettings):
 
     @property
     def effective_public_url(self) -> str:
-    # calls to the backend at once per process (whatever asks), and the circuit breaker
-    generator_max_concurrency: int = Field(4, ge=1)
-    generator_breaker_failures: int = Field(5, ge=1)  # consecutive failures: open
-    generator_breaker_failure_rate: float = Field(0.5, gt=0, le=1)  # or this share of the window
-    generator_breaker_window: int = Field(20, ge=1)  # last N calls (rate needs half of them)
-    generator_breaker_cooldown: Duration = timedelta(seconds=30)  # open this long, then a probe
         return (self.public_url or f"http://{self.web_host}:{self.web_port}").rstrip("/")
 
     @property

@@ -8,6 +8,7 @@ REQUESTS_GROUP = "workers"
 GENERATE_GROUP = "generators"
 PERSISTER_GROUP = "persister"
 JANITOR_GROUP = "janitor"
+SEMANTIC_LOG_MAXLEN = 10_000  # a worker further behind than this reloads its index
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,3 +78,25 @@ class Keys:
     def flagged_blobs(self) -> str:
         """Set of image sha256s an operator flagged as bad: never served again (no TTL)."""
         return f"{self.prefix}:cache:flagged-blobs"
+
+    # the semantic tier (cache Redis)
+    @property
+    def semantic_vectors(self) -> str:
+        """hash entry_id -> prompt embedding record; removed with the entry (no TTL)."""
+        return f"{self.prefix}:semantic:vectors"
+
+    @property
+    def semantic_log(self) -> str:
+        """stream of adds and removals that every worker's in-memory index follows."""
+        return f"{self.prefix}:semantic:log"
+
+    def embedding(self, model: str, dim: int, text_hash: str) -> str:
+        return f"{self.prefix}:semantic:embedding:{model}:{dim}:{text_hash}"
+
+    @property
+    def metrics_semantic(self) -> str:
+        """hash of counters: refused:<reason>, skipped:<reason>, hits, candidates."""
+        return f"{self.prefix}:metrics:semantic"
+
+    def semantic_index_stats(self, consumer: str) -> str:
+        return f"{self.prefix}:semantic:index:{consumer}"

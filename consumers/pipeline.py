@@ -6,6 +6,7 @@ Knows the cache tiers, the generator and the stores; knows nothing of stream ids
 from __future__ import annotations
 
 import asyncio
+import base64
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from consumers.cache.registry import NO_ROOM, EntryRegistry, Eviction, Registere
 from consumers.errors import CacheUnavailable
 from consumers.generators.base import GenerationRequest, Generator
 from consumers.optimizer import PolicySettings, optimize
+from consumers.semantic.tier import SemanticTier
 from consumers.prompts import NormalizedParams, cache_key, normalize_params
 from consumers.storage.blobs import BlobStore, StoredBlob
 from consumers.thumbnails import make_thumbnail
@@ -61,6 +63,7 @@ class Prepared:
     key: str
     optimizer_version: str
     dropped: tuple[str, ...] = ()
+    params_key: str = ""  # the key without the prompt: the semantic tier's hard partition
 
 
 class Pipeline:
@@ -74,7 +77,8 @@ class Pipeline:
     def __init__(self, *, generator: Generator, exact: ExactCache | None, blobs: BlobStore,
                  public_url: str, thumbnail_size: int = 256,
                  registry: EntryRegistry | None = None,
-                 policy: PolicySettings | None = None, flight: Flight | None = None) -> None:
+                 policy: PolicySettings | None = None, flight: Flight | None = None,
+                 semantic: SemanticTier | None = None) -> None:
         self.generator = generator
         self.policy = policy or PolicySettings()
         self.exact = exact
@@ -87,6 +91,7 @@ class Pipeline:
         # its leader takes the cross-worker lock (`flight`) so other workers wait for it too.
         self._in_flight: dict[str, asyncio.Future[CacheEntry]] = {}
         self.flight = flight
+        self.semantic = semantic
 
     def _urls(self, blob_sha256: str, content_type: str) -> tuple[str, str]:
         ext = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}[content_type]
@@ -104,8 +109,11 @@ class Pipeline:
             log.info("prompt_fitted_to_window", dropped=list(optimized.dropped))
         key = cache_key(optimized.key_prompt, optimized.key_negative, params,
                         optimizer_version=optimized.key_version)
+        params_key = cache_key("", optimized.key_negative, params,
+                               optimizer_version=optimized.key_version)
         return Prepared(request, params, optimized.key_prompt, optimized.prompt_used,
-                        optimized.negative_used, key, optimized.version, optimized.dropped)
+                        optimized.negative_used, key, optimized.version, optimized.dropped,
+                        params_key)
 
     async def _cached(self, prepared: Prepared) -> tuple[CacheEntry | None, bool]:
         """(entry, cache usable) for the exact key."""
@@ -127,8 +135,28 @@ class Pipeline:
         prepared = self.prepare(request)
         if request.options.cache != "use":
             return None
-        entry, _ = await self._cached(prepared)
-        return self._hit(prepared, entry, "exact") if entry is not None else None
+        entry, usable = await self._cached(prepared)
+        if entry is not None:
+            return self._hit(prepared, entry, "exact")
+        return await self._similar(prepared) if usable else None
+
+    async def _similar(self, prepared: Prepared, *, count: bool = True) -> Outcome | None:
+        """The semantic tier: the most similar verified entry of the same params partition."""
+        if self.semantic is None or self.exact is None:
+            return None
+        search = await self.semantic.find(prepared.canonical, prepared.params_key, count=count)
+        for neighbour in search.accepted:
+            try:
+                entry = await self.exact.get(neighbour.meta.cache_key)
+            except CacheUnavailable as exc:
+                log.warning("cache_unavailable", error=str(exc))
+                return None
+            if entry is None or not self.blobs.exists(entry.blob_sha256, entry.content_type):
+                self.semantic.index.remove(neighbour.meta.entry_id)  # expired meanwhile
+                continue
+            return self._hit(prepared, entry, "semantic", similarity=neighbour.similarity,
+                             matched_prompt=neighbour.meta.prompt)
+        return None
 
     async def generate(self, request: Request) -> Outcome:
         """The slow path. Raises GenerationFailed when the generator cannot make the image."""
@@ -139,6 +167,8 @@ class Pipeline:
             entry, cache_usable = await self._cached(prepared)
             if entry is not None:  # made by another request while this one queued
                 return self._hit(prepared, entry, "coalesced")
+            if cache_usable and (similar := await self._similar(prepared, count=False)):
+                return similar  # a near-identical prompt was stored while this one queued
             if (leader := self._in_flight.get(prepared.key)) is not None:
                 try:
                     return self._hit(prepared, await asyncio.shield(leader), "coalesced")
@@ -210,6 +240,12 @@ class Pipeline:
             except CacheUnavailable as exc:
                 log.warning("cache_unavailable", error=str(exc))
                 status = "bypass"
+        embedding: str | None = None
+        if status == "miss" and self.semantic is not None:
+            vector = await self.semantic.add(entry_id=entry.entry_id, cache_key=key,
+                                             params_key=prepared.params_key, canonical=canonical)
+            if vector is not None:  # the durable copy in PostgreSQL goes with the change event
+                embedding = base64.b64encode(vector.astype("<f4").tobytes()).decode()
         image_url, thumbnail_url = self._urls(blob.sha256, image.content_type)
         stored = ChangeEvent(
             type="entry_stored", entry_id=entry.entry_id, at=entry.created_at, cache_key=key,
@@ -218,7 +254,10 @@ class Pipeline:
             optimizer_version=version, generator=self.generator.name,
             blob_sha256=blob.sha256, content_type=image.content_type, width=image.width,
             height=image.height, image_bytes=blob.image_bytes,
-            thumbnail_bytes=blob.thumbnail_bytes, generation_ms=generation_ms)
+            thumbnail_bytes=blob.thumbnail_bytes, generation_ms=generation_ms,
+            embedding=embedding, partition=prepared.params_key if embedding else None,
+            embedding_model=self.semantic.embedder.model if embedding and self.semantic
+            else None)
         result = Result(request_id=request.request_id, status="ok", cache=status,
                         entry_id=entry.entry_id, image_url=image_url,
                         thumbnail_url=thumbnail_url, width=image.width, height=image.height,
@@ -253,15 +292,19 @@ class Pipeline:
             log.warning("cache_unavailable", error=str(exc))
             return False
 
-    def _hit(self, prepared: Prepared, entry: CacheEntry, tier: CacheStatus) -> Outcome:
+    def _hit(self, prepared: Prepared, entry: CacheEntry, tier: CacheStatus, *,
+             similarity: float | None = None, matched_prompt: str | None = None) -> Outcome:
         request = prepared.request
         image_url, thumbnail_url = self._urls(entry.blob_sha256, entry.content_type)
         result = Result(request_id=request.request_id, status="ok", cache=tier,
+                        similarity=None if similarity is None else round(similarity, 4),
+                        matched_prompt=matched_prompt,
                         entry_id=entry.entry_id, image_url=image_url,
                         thumbnail_url=thumbnail_url, width=entry.width, height=entry.height,
                         content_type=entry.content_type, prompt_used=entry.prompt_used,
                         dropped=list(prepared.dropped) or None,
                         optimizer_version=entry.optimizer_version)
         hit = ChangeEvent(type="entry_hit", entry_id=entry.entry_id, at=time.time(), tier=tier,
-                          request_id=request.request_id, generation_ms=entry.generation_ms)
+                          request_id=request.request_id, generation_ms=entry.generation_ms,
+                          similarity=result.similarity)
         return Outcome(result, [hit])

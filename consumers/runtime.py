@@ -21,6 +21,10 @@ from consumers.optimizer import PolicySettings
 from consumers.keys import Keys
 from consumers.persister import Persister
 from consumers.pipeline import Pipeline
+from consumers.semantic.embeddings import CachedEmbedder, build_embedder
+from consumers.semantic.index import VectorIndex
+from consumers.semantic.store import IndexFollower, SemanticStore
+from consumers.semantic.tier import SemanticTier
 from consumers.storage.blobs import BlobStore
 from consumers.storage.db import MetadataStore
 from consumers.worker import Worker, consumer_name
@@ -61,8 +65,61 @@ def registry(cache_redis: aioredis.Redis, keys: Keys, blobs: BlobStore,
     return EntryRegistry(cache_redis, keys, blobs, limit_bytes=int(settings.storage_limit))
 
 
+def build_semantic(settings: Settings, cache_redis: aioredis.Redis | None) -> SemanticTier | None:
+    """The semantic tier, or None (PROMPTCACHE_EMBEDDINGS=off, or no cache store)."""
+    if settings.embeddings == "off" or cache_redis is None:
+        return None
+    keys = Keys(settings.prefix)
+    api_key = settings.embeddings_api_key.get_secret_value() if settings.embeddings_api_key \
+        else None
+    inner = build_embedder(settings.embeddings, base_url=settings.embeddings_url,
+                           model=settings.embeddings_model, api_key=api_key,
+                           dim=settings.embeddings_dim)
+    assert inner is not None
+    store = SemanticStore(cache_redis, keys)
+    return SemanticTier(embedder=CachedEmbedder(inner, shared=store),
+                        index=VectorIndex(inner.model, inner.dim), store=store,
+                        threshold=settings.semantic_threshold, top_k=settings.semantic_top_k,
+                        verifier=settings.semantic_verifier)
+
+
+class SemanticLoop:
+    """A worker process's semantic upkeep: load the model (exact-only until then), then keep
+    the in-memory index equal to the shared one."""
+
+    def __init__(self, tier: SemanticTier, follow_redis: aioredis.Redis, settings: Settings,
+                 consumer: str) -> None:
+        self.tier = tier
+        self.follower = IndexFollower(follow_redis, Keys(settings.prefix), tier.index,
+                                      consumer=consumer,
+                                      max_entries=settings.semantic_max_entries)
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.follower.stop()
+
+    async def run(self, burst: bool = False) -> None:
+        delay = 1.0
+        while not self._stopping.is_set():
+            try:
+                await self.tier.warm()
+                break
+            except Exception as exc:  # noqa: BLE001 - exact-only until the embedder works
+                log.warning("semantic_tier_unavailable", error=str(exc), retry_in=delay)
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, 60.0)
+        if not self._stopping.is_set():
+            await self.follower.run(burst=burst)
+        await self.tier.embedder.aclose()
+
+
 def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aioredis.Redis | None,
-                 generator: Generator, consumer: str | None = None) -> Worker:
+                 generator: Generator, consumer: str | None = None,
+                 semantic: SemanticTier | None = None) -> Worker:
     keys = Keys(settings.prefix)
     blobs = blob_store(settings)
     pipeline = Pipeline(generator=generator,
@@ -76,7 +133,7 @@ def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aior
                                               hate=settings.policy_hate,
                                               real_person=settings.policy_real_person),
                         flight=Flight(cache_redis, keys, ttl=settings.flight_lock_ttl)
-                        if cache_redis else None)
+                        if cache_redis else None, semantic=semantic)
     return Worker(redis=redis, keys=keys, pipeline=pipeline, consumer=consumer,
                   batch_size=settings.batch_size, max_in_flight=settings.max_in_flight,
                   generation_concurrency=settings.generation_concurrency,
@@ -100,10 +157,18 @@ async def run_worker(settings: Settings, *, burst: bool = False,
             stack.push_async_callback(cache_redis.aclose)
         generator = build_generator(settings)
         stack.push_async_callback(generator.aclose)
+        semantic = build_semantic(settings, cache_redis)
         worker = build_worker(settings, redis=redis, cache_redis=cache_redis,
-                              generator=generator, consumer=consumer)
+                              generator=generator, consumer=consumer, semantic=semantic)
         loops: list[tuple[Callable[[], None], Callable[..., Awaitable[None]]]] = [
             (worker.stop, worker.run)]
+        if semantic is not None:
+            # the follower blocks on the log: not the 50 ms fail-fast client
+            follow_redis = redis if cache_redis is redis else streams_client(cache_url or "", 4)
+            if follow_redis is not redis:
+                stack.push_async_callback(follow_redis.aclose)
+            semantic_loop = SemanticLoop(semantic, follow_redis, settings, worker.consumer)
+            loops.append((semantic_loop.stop, semantic_loop.run))
         if settings.database_url:
             store = MetadataStore(settings.database_url)
             stack.push_async_callback(store.aclose)

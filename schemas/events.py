@@ -162,3 +162,9 @@ class ChangeEvent(BaseModel):
     latency_ms: float | None = None
     reason: str | None = None  # eviction reason, or the error code of a request_answered
     status: Status | None = None  # request_answered: the result's status
+    similarity: float | None = None  # entry_hit of the semantic tier
+    # entry_stored: the canonical prompt's embedding (base64 of little-endian float32), for the
+    # durable copy of the semantic index; its model and params partition
+    embedding: str | None = None
+    embedding_model: str | None = None
+    partition: str | None = None

@@ -26,7 +26,8 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("PROMPTCACHE_") and k not in ("REDIS_URL", "DATABASE_URL",
                                                              "CACHE_REDIS_URL")}
-    env.update(PROMPTCACHE_DATA_DIR=str(tmp_path / "data"), PROMPTCACHE_LOG_FORMAT="json")
+    env.update(PROMPTCACHE_DATA_DIR=str(tmp_path / "data"), PROMPTCACHE_LOG_FORMAT="json",
+               PROMPTCACHE_EMBEDDINGS="off")  # the semantic tier: tests/test_semantic.py
     env.update(extra)
     return env
 

