@@ -26,7 +26,7 @@ from consumers.errors import RequestRejected
 from consumers.optimizer.enhance import STYLES
 from consumers.optimizer.enhance import enhance as _enhance
 from consumers.optimizer.policy import ALLOW_ALL, PolicySettings, screen
-from consumers.optimizer.standardise import PromptRejected, repair_weights
+from consumers.optimizer.standardise import PromptRejected
 from consumers.optimizer.standardise import standardise as _standardise
 from consumers.optimizer.tokens import (
     WINDOW,
@@ -38,6 +38,7 @@ from consumers.optimizer.tokens import (
     window_text,
 )
 from consumers.optimizer.tokens import fit as fit_window
+from consumers.optimizer.weights import repair_weights
 from consumers.prompts import canonical_prompt, clean_prompt
 
 # (`standardise` and `enhance` are imported under other names so that
