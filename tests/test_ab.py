@@ -142,6 +142,10 @@ def test_brisque_scores_real_images_and_tells_them_apart(brisque):
 
 # --- a run through the procedural generator --------------------------------------------------
 
+def _no_network(self: socket.socket, address: object) -> None:
+    raise AssertionError(f"network connection to {address}")
+
+
 async def test_run_reports_paired_brisque_for_every_prompt(brisque):
     generator = Recording()
     report = await run_ab(generator, PROMPTS, [brisque], params=SMALL, policy=PolicySettings(),
@@ -221,10 +225,7 @@ async def test_nothing_scored_gives_no_metric():
 
 
 async def test_a_run_opens_no_network_connection(brisque, monkeypatch):
-    def refuse(self: socket.socket, address: object) -> None:
-        raise AssertionError(f"network connection to {address}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect", _no_network)
     report = await run_ab(Recording(), PROMPTS[:2], [BrisqueScorer()], params=SMALL,
                           policy=PolicySettings(), save_dir=None)
     assert report.metrics[0].interval.n == 2
@@ -376,7 +377,8 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-async def test_clip_similarity_from_a_local_model(tiny_clip, brisque):
+async def test_clip_similarity_from_a_local_model(tiny_clip, brisque, monkeypatch):
+    monkeypatch.setattr(socket.socket, "connect", _no_network)
     clip, note = find_clip(str(tiny_clip))
     assert clip is not None and note is None
     generator = Recording()
@@ -393,6 +395,7 @@ async def test_clip_similarity_from_a_local_model(tiny_clip, brisque):
 def test_clip_absent_is_a_note_and_a_bad_path_an_error(monkeypatch, tmp_path):
     pytest.importorskip("transformers")
     monkeypatch.setattr("consumers.ab.scores.CLIP_CANDIDATES", ("promptcache-test/no-such-clip",))
+    monkeypatch.setattr(socket.socket, "connect", _no_network)
     clip, note = find_clip(None)
     assert clip is None and note is not None and "nothing is downloaded" in note
     with pytest.raises(OSError):
