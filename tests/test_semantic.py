@@ -321,3 +321,44 @@ async def test_local_model_in_the_worker_serves_rewrites_and_refuses_near_misses
             assert answer.cache == "miss", (near_miss, answer)
         for i, prompt in enumerate(["小狗在秋天的树叶里玩耍", "🐶🍂", "puppy"]):
             assert (await ask(redis, keys, f"x{i}", prompt)).status in ("ok", "rejected")
+
+
+# ------------------------------------------------------------------- the durable copy (PostgreSQL)
+
+async def test_embeddings_reach_postgresql_and_leave_with_their_entry(db: str) -> None:
+    import base64
+
+    import psycopg
+
+    from consumers.storage.db import MetadataStore
+    from schemas.events import ChangeEvent
+
+    vector = unit(7, dim=384)
+    stored = ChangeEvent(
+        type="entry_stored", entry_id="e_sem1", at=time.time(), cache_key="k1", tier="miss",
+        request_id="r1", prompt="A cat", canonical_prompt="a cat on a mat", params={},
+        optimizer_version="2", generator="procedural", blob_sha256="ab" * 32,
+        content_type="image/png", width=64, height=64, image_bytes=10, thumbnail_bytes=5,
+        generation_ms=3.0, embedding=base64.b64encode(vector.astype("<f4").tobytes()).decode(),
+        embedding_model="sentence-transformers/all-MiniLM-L6-v2", partition="p1")
+    store = MetadataStore(db)
+    try:
+        await store.apply_changes([("1-0", stored)])
+        with psycopg.connect(db) as conn:
+            kind = conn.execute("SELECT udt_name FROM information_schema.columns WHERE "
+                                "table_name = 'semantic_entries' AND column_name = "
+                                "'embedding'").fetchone()
+            row = conn.execute("SELECT model, dim, partition, canonical_prompt, "
+                               "embedding::text FROM semantic_entries").fetchone()
+        assert kind is not None and kind[0] in ("vector", "_float4")
+        assert row is not None and row[:4] == ("sentence-transformers/all-MiniLM-L6-v2", 384,
+                                               "p1", "a cat on a mat")
+        back = np.array([float(x) for x in row[4].strip("[]{}").split(",")], dtype=np.float32)
+        assert np.allclose(back, vector, atol=1e-6)
+        evicted = ChangeEvent(type="entry_evicted", entry_id="e_sem1", at=time.time(),
+                              reason="purge")
+        await store.apply_changes([("2-0", evicted)])
+        with psycopg.connect(db) as conn:
+            assert conn.execute("SELECT count(*) FROM semantic_entries").fetchone() == (0,)
+    finally:
+        await store.aclose()

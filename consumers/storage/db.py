@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,10 +35,27 @@ _INSERT_ORIGIN = """
 INSERT INTO entry_origins (entry_id, request_id, tier, latency_ms, at) VALUES (%s, %s, %s, %s, %s)
 ON CONFLICT (entry_id) DO NOTHING
 """
+_INSERT_SEMANTIC = """
+INSERT INTO semantic_entries (entry_id, cache_key, partition, model, dim, canonical_prompt,
+    embedding, created_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s::text::{type}, %s)
+ON CONFLICT (entry_id) DO NOTHING
+"""
 _TOUCH = """
 UPDATE cache_entries SET last_used_at = GREATEST(last_used_at, %s), hit_count = hit_count + %s
 WHERE entry_id = %s
 """
+
+
+def _floats(encoded: str) -> list[float]:
+    """The change event's embedding: base64 of little-endian float32."""
+    raw = base64.b64decode(encoded)
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw[: len(raw) // 4 * 4]))
+
+
+def _vector_literal(vector: list[float], vector_type: str) -> str:
+    body = ",".join(f"{x:.7g}" for x in vector)
+    return f"[{body}]" if vector_type == "vector" else f"{{{body}}}"
 
 
 class MetadataStore:
@@ -46,6 +65,7 @@ class MetadataStore:
         self.database_url = database_url
         self.connect_timeout = connect_timeout
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._vector_type: str | None = None  # "vector" (pgvector) or "real[]"
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:
@@ -85,6 +105,15 @@ class MetadataStore:
                          e.thumbnail_bytes, e.generation_ms, _ts(e.at), _ts(e.at))
                         for e in stored
                     ])
+                embedded = [e for e in stored if e.embedding and e.partition
+                             and e.embedding_model and e.canonical_prompt is not None]
+                if embedded:
+                    vector_type = await self._embedding_type(cur)
+                    await cur.executemany(_INSERT_SEMANTIC.format(type=vector_type), [
+                        (e.entry_id, e.cache_key, e.partition, e.embedding_model,
+                         len(vector), e.canonical_prompt,
+                         _vector_literal(vector, vector_type), _ts(e.at))
+                        for e in embedded if (vector := _floats(e.embedding or ""))])
                 origins = [e for e in stored if e.request_id]
                 if origins:
                     await cur.executemany(_INSERT_ORIGIN, [
@@ -100,9 +129,19 @@ class MetadataStore:
                 if evicted:
                     await cur.execute("DELETE FROM cache_entries WHERE entry_id = ANY(%s)",
                                       (evicted,))
+                    await cur.execute("DELETE FROM semantic_entries WHERE entry_id = ANY(%s)",
+                                      (evicted,))
         except BaseException:
             await self.aclose()
             raise
+
+    async def _embedding_type(self, cur: psycopg.AsyncCursor[Any]) -> str:
+        if self._vector_type is None:
+            await cur.execute("SELECT udt_name FROM information_schema.columns WHERE"
+                              " table_name = 'semantic_entries' AND column_name = 'embedding'")
+            row = await cur.fetchone()
+            self._vector_type = "vector" if row and row[0] == "vector" else "real[]"
+        return self._vector_type
 
     async def prune_applied(self, older_than: timedelta = timedelta(days=2)) -> int:
         conn = await self._connection()
