@@ -8,6 +8,7 @@ per group, bytes and entries in the cache, the storage limit).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import redis
@@ -69,6 +70,8 @@ class RedisCollector(Collector):
         entries.add_metric([], float(self.cache.zcard(self.keys.lru)))
         yield entries
 
+        yield from self._semantic()
+
         lag = GaugeMetricFamily("promptcache_stream_lag", "Entries not yet delivered to the "
                                 "group", labels=["stream", "group"])
         pending = GaugeMetricFamily("promptcache_stream_pending", "Entries delivered and not "
@@ -84,3 +87,27 @@ class RedisCollector(Collector):
                 pending.add_metric([stream, name], float(group["pending"]))
         yield lag
         yield pending
+
+    def _semantic(self) -> Iterator[Metric]:
+        decisions = CounterMetricFamily(
+            "promptcache_semantic_decisions", "Semantic-tier candidates refused by the verifier "
+            "and lookups kept exact-only, by reason", labels=["outcome", "reason"])
+        for raw, value in self.cache.hgetall(self.keys.metrics_semantic).items():
+            outcome, _, reason = raw.decode().partition(":")
+            decisions.add_metric([outcome, reason], float(value))
+        yield decisions
+        entries = GaugeMetricFamily("promptcache_semantic_index_entries", "Vectors in a worker's "
+                                    "in-memory index", labels=["consumer"])
+        memory = GaugeMetricFamily("promptcache_semantic_index_bytes", "Memory of a worker's "
+                                   "in-memory index", labels=["consumer"])
+        prefix = self.keys.semantic_index_stats("")
+        for key in self.cache.scan_iter(match=f"{prefix}*", count=1000):
+            raw = self.cache.get(key)
+            if raw is None:
+                continue
+            stats = json.loads(raw)
+            consumer = key.decode()[len(prefix):]
+            entries.add_metric([consumer], float(stats.get("entries", 0)))
+            memory.add_metric([consumer], float(stats.get("memory_bytes", 0)))
+        yield entries
+        yield memory

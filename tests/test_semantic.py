@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -84,6 +85,21 @@ async def semantic_worker(settings: Settings, redis: aioredis.Redis,
     finally:
         loop.stop()
         await asyncio.wait_for(task, 30)
+
+
+def scrape(redis_url: str, keys: Keys) -> str:
+    import redis as sync_redis
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from consumers.metrics import RedisCollector
+
+    client = sync_redis.Redis.from_url(redis_url)
+    try:
+        registry = CollectorRegistry()
+        registry.register(RedisCollector(client, keys, storage_limit=10**9))
+        return generate_latest(registry).decode()
+    finally:
+        client.close()
 
 
 async def _true(value: bool) -> bool:
@@ -209,6 +225,11 @@ async def test_rewrites_hit_semantically_and_near_misses_do_not(
         assert counters.get("refused:color", 0) >= 1
         assert counters.get("skipped:one_word") == 1
         assert len(tier.index) == 3  # the one-word prompt is exact-only: not indexed
+        await tier.store.redis.set(keys.semantic_index_stats("w1"), json.dumps(
+            {"entries": len(tier.index), "memory_bytes": tier.index.memory_bytes()}), ex=60)
+        metrics = await asyncio.to_thread(scrape, redis_url, keys)
+        assert 'promptcache_semantic_decisions_total{outcome="refused",reason="color"}' in metrics
+        assert 'promptcache_semantic_index_entries{consumer="w1"} 3.0' in metrics
     assert len(gen.calls) == 4
 
 
