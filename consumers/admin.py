@@ -31,6 +31,21 @@ def render_stats(streams: dict[str, Any], db: dict[str, Any] | None) -> str:
     if not streams["workers"]:
         lines.append("  none reporting")
     lines.append(f"cache: {streams['entries']:,} entries, {streams['stored_bytes']:,} bytes stored")
+    if semantic := streams.get("semantic"):
+        lines.append(f"semantic tier: {semantic['vectors']:,} vectors shared")
+        for index in semantic["indexes"]:
+            lines.append(f"  {index['consumer']:<32} {index.get('entries', 0):,} in memory,"
+                         f" {index.get('memory_bytes', 0) / 1e6:.1f} MB ({index.get('model')})")
+        refused = {k.split(":", 1)[1]: v for k, v in semantic["decisions"].items()
+                   if k.startswith("refused:")}
+        skipped = {k.split(":", 1)[1]: v for k, v in semantic["decisions"].items()
+                   if k.startswith("skipped:")}
+        if refused:
+            lines.append("  verifier refused: " + ", ".join(
+                f"{k} {v:,}" for k, v in sorted(refused.items(), key=lambda kv: -kv[1])))
+        if skipped:
+            lines.append("  exact-only lookups: " + ", ".join(
+                f"{k} {v:,}" for k, v in sorted(skipped.items(), key=lambda kv: -kv[1])))
     if db is not None:
         hit_rate = f"{db['hit_rate']:.1%}" if db["hit_rate"] is not None else "-"
         lines += [

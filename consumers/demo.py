@@ -1,16 +1,20 @@
 """The demo run by `promptcache up --demo N`: real prompts sent twice, a table of what happened.
 
 Round 1 sends N distinct prompts (generated: `miss`); round 2 sends the same prompts as a user
-might retype them (other case, extra spaces, a trailing full stop), which the exact tier answers.
+might retype them (other case, extra spaces, a trailing full stop), which the exact tier answers;
+round 3 (with the semantic tier on) asks for the same pictures in other words ("please draw ...",
+"... , please"), which the semantic tier answers once the verifier agrees.
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import random
 import statistics
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -58,8 +62,28 @@ def retype(prompt: str, rng: random.Random) -> str:
     return "  " + variant.replace(" ", "  ", 1).rstrip(".") + ". "
 
 
+def reword(prompt: str, rng: random.Random) -> str:
+    """The same picture asked for in other words: request phrasing the semantic tier's verifier
+    knows is harmless."""
+    body = prompt.strip().rstrip(".")
+    body = body[0].lower() + body[1:] if body[:1].isupper() and body[1:2].islower() else body
+    return rng.choice([f"please draw {body}", f"{body}, please", f"an image of {body}",
+                       f"can you make {body}"])
+
+
+async def semantic_ready(redis: aioredis.Redis, keys: Keys, timeout: float = 180.0) -> bool:
+    """True once a worker reports its semantic index (its model is loaded)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        async for _ in redis.scan_iter(match=keys.semantic_index_stats("*"), count=100):
+            return True
+        await asyncio.sleep(0.5)
+    return False
+
+
 async def run_demo(redis: aioredis.Redis, keys: Keys, count: int, *, timeout: float = 300.0,
-                   seed: int | None = None) -> list[tuple[int, Request, Result | None]]:
+                   seed: int | None = None, semantic: bool = False,
+                   say: Callable[[str], None] = print) -> list[tuple[int, Request, Result | None]]:
     rng = random.Random(seed)
     prompts = rng.sample(load_prompts(), count)
     run = uuid.uuid4().hex[:6]
@@ -68,8 +92,14 @@ async def run_demo(redis: aioredis.Redis, keys: Keys, count: int, *, timeout: fl
         [Request(request_id=f"demo-{run}-{i}-b", prompt=retype(p, rng))
          for i, p in enumerate(prompts)],
     ]
+    if semantic:
+        rounds.append([Request(request_id=f"demo-{run}-{i}-c", prompt=reword(p, rng))
+                       for i, p in enumerate(prompts)])
     rows: list[tuple[int, Request, Result | None]] = []
     for number, requests in enumerate(rounds, start=1):
+        if number == 3 and not await semantic_ready(redis, keys):
+            say("demo: the semantic tier is not ready (model still loading?): round 3 skipped")
+            break
         after = await last_id(redis, keys.results)
         await publish(redis, keys, requests)
         results = await collect(redis, keys.results, after, [r.request_id for r in requests],
@@ -79,19 +109,21 @@ async def run_demo(redis: aioredis.Redis, keys: Keys, count: int, *, timeout: fl
 
 
 def render_table(rows: list[tuple[int, Request, Result | None]]) -> str:
-    lines = [f"{'round':<6}{'cache':<10}{'latency':>10}  {'prompt':<52}image",
-             "-" * 110]
+    lines = [f"{'round':<6}{'cache':<15}{'latency':>10}  {'prompt':<52}image",
+             "-" * 115]
     for number, request, result in rows:
         prompt = request.prompt.strip()
         prompt = prompt if len(prompt) <= 50 else prompt[:47] + "..."
         if result is None:
-            lines.append(f"{number:<6}{'(none)':<10}{'-':>10}  {prompt:<52}no result in time")
+            lines.append(f"{number:<6}{'(none)':<15}{'-':>10}  {prompt:<52}no result in time")
             continue
         cache = result.cache or result.status
+        if result.similarity is not None:
+            cache = f"{cache} {result.similarity:.2f}"
         latency = f"{result.latency_ms:.0f} ms" if result.latency_ms is not None else "-"
-        lines.append(f"{number:<6}{cache:<10}{latency:>10}  {prompt:<52}{result.image_url or ''}")
-    lines.append("-" * 110)
-    for tier in ("miss", "exact"):
+        lines.append(f"{number:<6}{cache:<15}{latency:>10}  {prompt:<52}{result.image_url or ''}")
+    lines.append("-" * 115)
+    for tier in ("miss", "exact", "semantic"):
         latencies = [r.latency_ms for _, _, r in rows
                      if r is not None and r.cache == tier and r.latency_ms is not None]
         if latencies:

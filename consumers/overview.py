@@ -56,7 +56,19 @@ async def stream_stats(redis: aioredis.Redis, keys: Keys,
     stored = await cache.get(keys.stored_bytes)
     out["stored_bytes"] = int(stored) if stored else 0
     out["entries"] = int(await cache.zcard(keys.lru))
+    out["semantic"] = await semantic_stats(cache, keys)
     return out
+
+
+async def semantic_stats(cache: aioredis.Redis, keys: Keys) -> dict[str, Any]:
+    """Each worker's in-memory index (entries, bytes) and the tier's decision counters."""
+    indexes = []
+    async for key in cache.scan_iter(match=keys.semantic_index_stats("*"), count=500):
+        if raw := await cache.get(key):
+            indexes.append({"consumer": _name(key).rsplit(":", 1)[-1], **json.loads(raw)})
+    counters = {_name(k): int(v) for k, v in (await cache.hgetall(keys.metrics_semantic)).items()}
+    return {"vectors": int(await cache.hlen(keys.semantic_vectors)),
+            "indexes": sorted(indexes, key=lambda i: i["consumer"]), "decisions": counters}
 
 
 def database_stats(database_url: str, since: timedelta = timedelta(hours=24)) -> dict[str, Any]:

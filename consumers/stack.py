@@ -174,8 +174,11 @@ def demo(redis_url: str, settings: Settings, count: int, say: object = print) ->
     async def go() -> None:
         redis = streams_client(redis_url)
         try:
-            say(f"demo: sending {count} real prompts, then the same prompts retyped ...")  # type: ignore[operator]
-            rows = await run_demo(redis, Keys(settings.prefix), count)
+            semantic = settings.embeddings != "off"
+            say(f"demo: sending {count} real prompts, then the same prompts retyped"  # type: ignore[operator]
+                + (", then asked for in other words" if semantic else "") + " ...")
+            rows = await run_demo(redis, Keys(settings.prefix), count, semantic=semantic,
+                                  say=say)  # type: ignore[arg-type]
             say(render_table(rows))  # type: ignore[operator]
         finally:
             await redis.aclose()

@@ -108,8 +108,10 @@ class SemanticTier:
         None when the prompt is not embeddable or the store could not take it."""
         if not_embeddable(canonical) is not None:
             return None
-        vector = await self._vector(canonical)
-        if vector is None:
+        try:  # not `_vector`: an entry made while the model loads waits for it (once)
+            vector = await self.embedder.embed_one(canonical)
+        except Exception as exc:  # noqa: BLE001 - the entry stays exact-only
+            log.warning("embedding_failed", error=str(exc))
             return None
         record = Record(Meta(entry_id, self.partition(params_key), cache_key, canonical),
                         self.embedder.model, vector)
