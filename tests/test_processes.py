@@ -85,9 +85,11 @@ def test_sigterm_finishes_in_flight_generation_and_exits_cleanly(redis_url, keys
     assert '"worker_stopped"' in err
 
 
+@pytest.mark.chaos
 def test_sigkill_mid_generation_loses_nothing(redis_url, keys, tmp_path):
     env = _env(tmp_path, REDIS_URL=redis_url, PROMPTCACHE_PREFIX=keys.prefix,
-               PROMPTCACHE_GENERATOR_LATENCY_MS="3000", PROMPTCACHE_CLAIM_IDLE="1s")
+               PROMPTCACHE_GENERATOR_LATENCY_MS="3000", PROMPTCACHE_CLAIM_IDLE="1s",
+               PROMPTCACHE_FLIGHT_LOCK_TTL="2s")  # the victim's single-flight locks expire
     r = syncredis.Redis.from_url(redis_url)
     victim = subprocess.Popen([sys.executable, "-m", "consumers", "worker"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -201,6 +203,7 @@ def test_up_serves_the_demo_submit_stats_and_purge_then_stops_cleanly(tmp_path):
     assert leftovers.stdout.strip() == "", "processes left running after up stopped"
 
 
+@pytest.mark.chaos
 def test_streams_redis_killed_and_restarted_with_aof_loses_nothing(tmp_path, keys):
     from consumers.embedded import EmbeddedValkey
 
@@ -236,6 +239,7 @@ def test_streams_redis_killed_and_restarted_with_aof_loses_nothing(tmp_path, key
             server.stop()
 
 
+@pytest.mark.chaos
 async def test_cache_store_down_then_back_bypasses_then_caches_again(redis_url, keys, tmp_path):
     """CACHE_REDIS_URL on its own server: while it is down every request is still answered
     (`bypass`); once it is back the cache is used again without a restart."""

@@ -100,6 +100,7 @@ async def test_persister_writes_entries_and_hits_idempotently(redis, keys, setti
     assert entries[0][3] > 0 and hits == [("p2", "exact")]
 
 
+@pytest.mark.chaos
 async def test_database_down_keeps_results_flowing_and_writes_the_backlog_later(
         redis, keys, settings, tmp_path_factory):
     pg = EmbeddedPostgres(tmp_path_factory.mktemp("pgdown") / "data").start()
