@@ -52,8 +52,12 @@ def streams_client(url: str, max_connections: int = 64) -> aioredis.Redis:
 def cache_client(url: str, settings: Settings) -> aioredis.Redis:
     """The cache store fails fast: a slow or absent server means bypass, not a stalled worker."""
     timeout = max(settings.cache_timeout.total_seconds(), 0.005)
-    return aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                   retry_on_timeout=False)
+    # a blocking pool: a burst waits (at most the timeout) for a connection instead of failing
+    # with "Too many connections" and bypassing the cache
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=64, timeout=max(timeout, 1.0), socket_timeout=timeout,
+        socket_connect_timeout=timeout, retry_on_timeout=False)
+    return aioredis.Redis(connection_pool=pool)
 
 
 def blob_store(settings: Settings) -> BlobStore:
@@ -74,7 +78,7 @@ def build_semantic(settings: Settings, cache_redis: aioredis.Redis | None) -> Se
         else None
     inner = build_embedder(settings.embeddings, base_url=settings.embeddings_url,
                            model=settings.embeddings_model, api_key=api_key,
-                           dim=settings.embeddings_dim)
+                           dim=settings.embeddings_dim, threads=settings.embedding_threads)
     assert inner is not None
     store = SemanticStore(cache_redis, keys)
     return SemanticTier(embedder=CachedEmbedder(inner, shared=store),

@@ -1,0 +1,190 @@
+"""Semantic index: search latency and memory at 100,000 entries, and storing new entries.
+
+    .venv/bin/python benchmarks/semantic_index.py            # 100,000 entries (about 5 minutes)
+    .venv/bin/python benchmarks/semantic_index.py --quick    # 20,000 entries
+
+What it measures (writes benchmarks/results/semantic-index-latest.json):
+  store     real prompts from ../shared/data/prompts stored through SemanticTier.add on a real
+            Valkey (embedding with all-MiniLM-L6-v2 on one thread, batched by concurrency; the
+            shared vectors hash + log; this process's index): entries per second per worker
+  search    VectorIndex.search (top 5) in ONE params partition of N entries (the worst case:
+            every entry made with the same params), queries = stored vectors plus noise:
+            p50/p99 in ms. N is reached from the embedded real prompts plus perturbed copies
+            (each a real prompt's vector plus Gaussian noise, renormalised), so the data has the
+            clustered shape of real prompt embeddings.
+  memory    VectorIndex.memory_bytes() and the process's RSS growth while the index was built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from consumers.demo import load_prompts  # noqa: E402
+from consumers.embedded import EmbeddedValkey  # noqa: E402
+from consumers.keys import Keys  # noqa: E402
+from consumers.prompts import canonical_prompt  # noqa: E402
+from consumers.runtime import streams_client  # noqa: E402
+from consumers.semantic.embeddings import CachedEmbedder, LocalEmbedder  # noqa: E402
+from consumers.semantic.index import Meta, VectorIndex  # noqa: E402
+from consumers.semantic.store import SemanticStore  # noqa: E402
+from consumers.semantic.tier import SemanticTier  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+async def store_phase(prompts: list[str], concurrency: int) -> tuple[dict[str, float], np.ndarray]:
+    """Real prompts through SemanticTier.add on a real Valkey."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = EmbeddedValkey(Path(tmp)).start()
+        redis = streams_client(server.url)
+        keys = Keys("bench")
+        embedder = LocalEmbedder()
+        try:
+            store = SemanticStore(redis, keys)
+            tier = SemanticTier(embedder=CachedEmbedder(embedder, shared=store),
+                                index=VectorIndex(embedder.model, embedder.dim), store=store)
+            await tier.warm()
+            async with redis.pipeline(transaction=False) as pipe:
+                for i in range(len(prompts)):
+                    pipe.hset(keys.entries, f"e{i}", "{}")  # registered entries
+                await pipe.execute()
+            semaphore = asyncio.Semaphore(concurrency)
+            vectors: list[np.ndarray | None] = [None] * len(prompts)
+            done = 0
+
+            async def one(i: int, prompt: str) -> None:
+                nonlocal done
+                async with semaphore:
+                    vectors[i] = await tier.add(entry_id=f"e{i}", cache_key=f"k{i}",
+                                                params_key="p", canonical=prompt)
+                done += 1
+                if done % 500 == 0:
+                    say(f"  store: {done}/{len(prompts)}")
+
+            started = time.perf_counter()
+            await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+            seconds = time.perf_counter() - started
+            stored = [v for v in vectors if v is not None]
+            shared = await redis.hlen(keys.semantic_vectors)
+            return ({"entries": len(stored), "seconds": round(seconds, 2),
+                     "entries_per_s": round(len(stored) / seconds, 1),
+                     "shared_hash_entries": shared, "concurrency": concurrency},
+                    np.stack(stored))
+        finally:
+            await embedder.aclose()
+            await redis.aclose()
+            server.stop()
+
+
+def search_phase(real: np.ndarray, size: int, queries: int, rng: np.random.Generator
+                 ) -> dict[str, float]:
+    before = rss_mb()
+    index = VectorIndex("bench-model", real.shape[1])
+    started = time.perf_counter()
+    batch = 5000
+    added = 0
+    while added < size:
+        n = min(batch, size - added)
+        base = real[rng.integers(0, len(real), n)]
+        noisy = base + rng.normal(0, 0.04, base.shape).astype(np.float32)
+        noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+        if added < len(real):  # the real vectors themselves first
+            take = min(n, len(real) - added)
+            noisy[:take] = real[added:added + take]
+        for j in range(n):
+            index.add(Meta(f"e{added + j}", "p", "k", "x" * 60), noisy[j])
+        added += n
+        say(f"  index: {added}/{size} ({time.perf_counter() - started:.0f}s)")
+    build_s = time.perf_counter() - started
+    timings = []
+    for q in range(queries):
+        vector = real[q % len(real)] + rng.normal(0, 0.02, real.shape[1]).astype(np.float32)
+        vector /= np.linalg.norm(vector)
+        t0 = time.perf_counter()
+        index.search("p", vector, 5)
+        timings.append((time.perf_counter() - t0) * 1000)
+    recall = 0
+    for q in range(200):  # the real vector itself must come back first
+        top = index.search("p", real[q], 1)
+        recall += bool(top) and top[0].meta.entry_id == f"e{q}"
+    return {"entries": len(index), "build_s": round(build_s, 1),
+            "search_p50_ms": round(statistics.median(timings), 3),
+            "search_p99_ms": round(pct(timings, 0.99), 3),
+            "search_max_ms": round(max(timings), 3), "queries": queries,
+            "self_recall_at_1": recall / 200,
+            "index_memory_mb": round(index.memory_bytes() / 1e6, 1),
+            "rss_growth_mb": round(rss_mb() - before, 1)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--store", type=int, default=None, help="real prompts to store")
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+    size = args.size or (20_000 if args.quick else 100_000)
+    n_store = args.store or (1000 if args.quick else 3000)
+    rng = np.random.default_rng(7)
+    prompts = list(dict.fromkeys(canonical_prompt(p) for p in load_prompts()))
+    random.Random(7).shuffle(prompts)
+    prompts = prompts[:n_store]
+    load_start = os.getloadavg()[0]
+    say(f"store: {len(prompts)} real prompts through SemanticTier.add ...")
+    store, real = asyncio.run(store_phase(prompts, args.concurrency))
+    say(f"search: building one partition of {size:,} entries ...")
+    search = search_phase(real, size, 5000, rng)
+    report = {"at": datetime.now(UTC).isoformat(timespec="seconds"),
+              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                          "loadavg_start": round(load_start, 2),
+                          "loadavg_end": round(os.getloadavg()[0], 2)},
+              "store": store, "search": search,
+              "targets": {"search_p99_ms": 2.0, "store_entries_per_s": 200,
+                          "index_memory_mb_at_100k": 200}}
+    print(f"store   {store['entries']} entries in {store['seconds']} s = "
+          f"{store['entries_per_s']} entries/s per worker (target >= 200)")
+    print(f"search  {search['entries']:,} entries in one partition: p50 "
+          f"{search['search_p50_ms']} ms, p99 {search['search_p99_ms']} ms (target <= 2), "
+          f"self-recall@1 {search['self_recall_at_1']:.1%}")
+    print(f"memory  index {search['index_memory_mb']} MB, RSS growth "
+          f"{search['rss_growth_mb']} MB (target <= 200 MB at 100k)")
+    print(f"load average {load_start:.2f} -> {os.getloadavg()[0]:.2f} on "
+          f"{os.cpu_count()} CPUs")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "semantic-index-latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
