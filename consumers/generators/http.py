@@ -70,11 +70,13 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
 
 
 def secrets_of(settings: Settings) -> tuple[str, ...]:
-    """What must never be quoted: the API key and, for `user:password` keys, the password."""
+    """What must never be quoted: the API key and, for `user:password` keys (basic auth), the
+    password and the base64 form an echoed `Authorization` header would show."""
     if settings.generator_api_key is None:
         return ()
     key = settings.generator_api_key.get_secret_value()
-    return tuple(s for s in (key, key.partition(":")[2]) if s)
+    basic = base64.b64encode(key.encode()).decode() if ":" in key else ""
+    return tuple(s for s in (key, key.partition(":")[2], basic) if s)
 
 
 class Transient(Exception):
