@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
+import signal
 import sys
 import uuid
 from collections.abc import Sequence
@@ -115,6 +117,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
             return up(settings, workers=args.workers, demo_count=args.demo)
         case "worker":
+            # `kill -USR1 <pid>` prints every thread's stack to stderr (a stuck worker)
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
             asyncio.run(runtime.run_worker(settings, burst=args.burst))
         case "janitor":
             asyncio.run(runtime.run_janitor(settings, burst=args.burst))

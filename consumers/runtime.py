@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
@@ -210,6 +211,13 @@ async def run_janitor(settings: Settings, *, burst: bool = False) -> Janitor:
     raise AssertionError("unreachable")
 
 
+def _dump_tasks() -> None:
+    for task in asyncio.all_tasks():
+        print(f"--- {task.get_name()}: {task.get_coro()!r}", file=sys.stderr)
+        task.print_stack(limit=12, file=sys.stderr)
+    sys.stderr.flush()
+
+
 async def run_until_signal(loops: list[tuple[Callable[[], None], Callable[..., Awaitable[None]]]],
                            *, burst: bool = False) -> None:
     """Run loops together; SIGTERM/SIGINT calls every stop(); the first to fail stops the rest."""
@@ -221,6 +229,11 @@ async def run_until_signal(loops: list[tuple[Callable[[], None], Callable[..., A
             stop()
 
     installed = []
+    try:  # `kill -USR2 <pid>`: every asyncio task's stack to stderr (what a stuck process awaits)
+        loop.add_signal_handler(signal.SIGUSR2, _dump_tasks)
+        installed.append(signal.SIGUSR2)
+    except (NotImplementedError, RuntimeError):
+        pass
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, stop_all)

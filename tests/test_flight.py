@@ -180,3 +180,35 @@ async def test_holder_killed_with_sigkill_is_taken_over_within_the_ttl(redis, ke
 
 async def _lock_held(redis: aioredis.Redis, keys: Keys) -> bool:
     return bool([k async for k in redis.scan_iter(match=f"{keys.prefix}:cache:flight:*")])
+
+
+async def test_release_ends_a_renewer_whose_cancellation_was_swallowed(redis, keys):
+    """A cancel that lands inside a Redis call can surface as a caught timeout error instead of
+    CancelledError (seen with the semantic tier on: the lock was renewed for ever and every
+    other worker waited on it). release() must still return, stop renewing and free the lock."""
+    from datetime import timedelta
+
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    flight = Flight(redis, keys, ttl=timedelta(milliseconds=300))  # renewed every 100 ms
+    renew = flight.renew_script
+    inside = asyncio.Event()
+
+    async def swallowing_renew(*args: object, **kwargs: object) -> object:
+        inside.set()
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            raise RedisTimeout("Timeout reading from socket") from None
+        return await renew(*args, **kwargs)
+
+    flight.renew_script = swallowing_renew  # type: ignore[method-assign]
+    lease = await flight.lead_or_follow("k-swallow", lambda: asyncio.sleep(0, None))
+    assert isinstance(lease, Lease)
+    await asyncio.wait_for(inside.wait(), 2)
+    started = time.monotonic()
+    await asyncio.wait_for(lease.release(), 3)
+    assert time.monotonic() - started < 2
+    await wait_until(lambda: asyncio.sleep(0, lease._renewer is not None and lease._renewer.done()),
+                     timeout=2)
+    assert await redis.exists(flight.lock_name("k-swallow")) == 0

@@ -59,19 +59,26 @@ class Lease:
     token: str
     _renewer: asyncio.Task[None] | None = field(default=None, repr=False)
     lost: bool = False
+    released: bool = False
 
     async def release(self) -> None:
+        self.released = True
         if self._renewer is not None:
+            # Never wait on the renewer unbounded: a cancel that lands inside a Redis call can
+            # come back as a (caught) timeout error instead of CancelledError, and the renewer
+            # would then sleep on, renewing the lock for ever; `released` stops it regardless.
             self._renewer.cancel()
-            await asyncio.gather(self._renewer, return_exceptions=True)
+            await asyncio.wait({self._renewer}, timeout=1.0)
         try:
             await self.flight.release_script(keys=[self.name], args=[self.token])
         except (RedisError, OSError) as exc:  # it expires on its own within the TTL
             log.warning("flight_lock_release_failed", error=str(exc))
 
     async def _renew(self, every: float, ttl_ms: int) -> None:
-        while True:
+        while not self.released:
             await asyncio.sleep(every)
+            if self.released:
+                return
             try:
                 kept = await self.flight.renew_script(keys=[self.name], args=[self.token, ttl_ms])
             except (RedisError, OSError) as exc:
