@@ -295,8 +295,12 @@ async def test_embeddings_server_down_degrades_to_exact_only(
     async with semantic_worker(settings, redis, gen):
         assert (await ask(redis, keys, "d1", "a castle made of candy")).cache == "miss"
         server.on("POST", "/v1/embeddings", Reply(503, json={"error": {"message": "down"}}))
-        assert (await ask(redis, keys, "d2", "a castle made of candy, please")).cache == "miss"
-        assert (await ask(redis, keys, "d3", "a castle made of candy")).cache == "exact"
+        # a new prompt cannot be embedded: looked up exactly, generated, answered
+        assert (await ask(redis, keys, "d2", "a lighthouse on a cliff at dawn")).cache == "miss"
+        assert (await ask(redis, keys, "d3", "a lighthouse on a cliff at dawn")).cache == "exact"
+        # an embedding cached before the outage still serves (request phrasing is not embedded)
+        assert (await ask(redis, keys, "d4", "a castle made of candy, please")).cache == \
+            "semantic"
 
 
 # ------------------------------------------------------------------------------ the real model

@@ -34,7 +34,7 @@ class _Flat:
     """Exact search over a growing float32 matrix; removal swaps in the last row."""
 
     def __init__(self, dim: int) -> None:
-        self.vectors = np.zeros((16, dim), dtype=np.float32)
+        self.vectors = np.zeros((1, dim), dtype=np.float32)  # doubles as it grows
         self.ids: list[str] = []
 
     def __len__(self) -> int:

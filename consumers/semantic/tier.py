@@ -1,6 +1,7 @@
 """The semantic tier: nearest cached prompts in the same params partition, then the verifier.
 
-`find` embeds the canonical user prompt (before enhancers), takes the `top_k` nearest entries
+`find` embeds the canonical user prompt (before enhancers, without request phrasing such as
+"please draw"), takes the `top_k` nearest entries
 of its partition at cosine >= `threshold`, and returns those the verifier accepts, most similar
 first. A candidate the verifier refuses is counted by reason (`refused:<reason>`); a prompt whose
 embedding means nothing (one word, another script, past the model's window) is counted as
@@ -21,7 +22,7 @@ from redis.exceptions import RedisError
 from consumers.semantic.embeddings import CachedEmbedder, EmbeddingError, not_embeddable
 from consumers.semantic.index import Meta, Neighbour, VectorIndex
 from consumers.semantic.store import Record, SemanticStore
-from consumers.semantic.verifier import verify
+from consumers.semantic.verifier import request_core, verify
 
 log = structlog.get_logger(__name__)
 
@@ -74,11 +75,12 @@ class SemanticTier:
     async def find(self, canonical: str, params_key: str, *, count: bool = True) -> Search:
         """`count`: add refusals and skips to the counters (once per request, not on the
         generation stage's second look)."""
-        if (why := not_embeddable(canonical)) is not None:
+        core = request_core(canonical)
+        if (why := not_embeddable(core)) is not None:
             if count:
                 await self.store.count(f"skipped:{why}")
             return Search(skipped=why)
-        vector = await self._vector(canonical)
+        vector = await self._vector(core)
         if vector is None:
             return Search(skipped="unavailable")
         neighbours = self.index.search(self.partition(params_key), vector, self.top_k)
@@ -106,10 +108,11 @@ class SemanticTier:
                   canonical: str) -> np.ndarray | None:
         """Index a new entry for every worker. Returns its vector (for the durable copy), or
         None when the prompt is not embeddable or the store could not take it."""
-        if not_embeddable(canonical) is not None:
+        core = request_core(canonical)
+        if not_embeddable(core) is not None:
             return None
         try:  # not `_vector`: an entry made while the model loads waits for it (once)
-            vector = await self.embedder.embed_one(canonical)
+            vector = await self.embedder.embed_one(core)
         except Exception as exc:  # noqa: BLE001 - the entry stays exact-only
             log.warning("embedding_failed", error=str(exc))
             return None

@@ -73,6 +73,14 @@ def _strip_suffix(text: str) -> str:
     return text
 
 
+def request_core(text: str) -> str:
+    """A canonical prompt without its request phrasing and politeness ("please draw me a ...",
+    "an image of ...", "..., thank you"): what the semantic tier embeds, so that wording this
+    verifier ignores does not pull the similarity of short prompts under the threshold."""
+    core = _NOUN_PREFIX.sub("", _PREFIX.sub("", _strip_suffix(text.strip())))
+    return core.strip(" ,;.!") or text
+
+
 @dataclass(frozen=True, slots=True)
 class Parsed:
     segments: tuple[tuple[str, ...], ...]
