@@ -79,7 +79,9 @@ def build_semantic(settings: Settings, cache_redis: aioredis.Redis | None) -> Se
         else None
     inner = build_embedder(settings.embeddings, base_url=settings.embeddings_url,
                            model=settings.embeddings_model, api_key=api_key,
-                           dim=settings.embeddings_dim, threads=settings.embedding_threads)
+                           dim=settings.embeddings_dim, threads=settings.embedding_threads,
+                           runtime=settings.embedding_runtime,
+                           cache_dir=settings.data_dir / "models")
     assert inner is not None
     store = SemanticStore(cache_redis, keys)
     return SemanticTier(embedder=CachedEmbedder(inner, shared=store),

@@ -327,6 +327,28 @@ async def test_local_model_embeds_offline_and_batches(local_model: LocalEmbedder
         await local_model.aclose()
 
 
+async def test_onnx_runtime_gives_the_sentence_transformers_vectors(tmp_path: Path) -> None:
+    onnx = LocalEmbedder(cache_dir=tmp_path / "models")
+    reference = LocalEmbedder(runtime="torch")
+    texts = ["a cat", "a photo of a cat sitting on a windowsill, golden hour, 35mm",
+             "portrait of an old fisherman, oil painting by rembrandt, dramatic lighting",
+             "café crème brûlée, ünïcödé and emoji 🐱", " ".join(["very long prompt"] * 150)]
+    try:
+        ours = await onnx.embed(texts)
+        theirs = await reference.embed(texts)
+        assert ours.shape == theirs.shape == (len(texts), 384)
+        assert float(np.min(np.sum(ours * theirs, axis=1))) > 0.9999
+        assert len(list((tmp_path / "models").glob("*.onnx"))) == 1  # exported once, cached
+        again = LocalEmbedder(cache_dir=tmp_path / "models")
+        try:
+            assert np.allclose(await again.embed(texts[:2]), ours[:2], atol=1e-5)
+        finally:
+            await again.aclose()
+    finally:
+        await onnx.aclose()
+        await reference.aclose()
+
+
 async def test_local_model_in_the_worker_serves_rewrites_and_refuses_near_misses(
         tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys) -> None:
     settings = make_settings(tmp_path, redis_url, keys, embeddings="local")

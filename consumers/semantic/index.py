@@ -72,6 +72,9 @@ class _Graph:
     """usearch HNSW (cosine, float16) with integer labels mapped to entry ids."""
 
     def __init__(self, dim: int) -> None:
+        # onnxruntime must be loaded before usearch: the other way round, importing onnxruntime
+        # segfaults (usearch 2.26 / onnxruntime 1.32, seen here); the local embedder needs it
+        import onnxruntime  # noqa: F401
         from usearch.index import Index
 
         self.index = Index(ndim=dim, metric="cos", dtype="f16", connectivity=16,
