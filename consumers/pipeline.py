@@ -106,7 +106,7 @@ class Pipeline:
                              enabled=request.options.optimize, policy=self.policy,
                              truncates=self.generator.truncates_prompt)
         if optimized.dropped:
-            log.info("prompt_fitted_to_window", dropped=list(optimized.dropped))
+            log.debug("prompt_fitted_to_window", dropped=list(optimized.dropped))
         key = cache_key(optimized.key_prompt, optimized.key_negative, params,
                         optimizer_version=optimized.key_version)
         params_key = cache_key("", optimized.key_negative, params,
