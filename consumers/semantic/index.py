@@ -78,7 +78,7 @@ class _Graph:
         from usearch.index import Index
 
         self.index = Index(ndim=dim, metric="cos", dtype="f16", connectivity=16,
-                           expansion_add=64, expansion_search=64)
+                           expansion_add=128, expansion_search=128)
         self.labels: dict[int, str] = {}
         self.label_of: dict[str, int] = {}
         self._next = 0
