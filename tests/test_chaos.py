@@ -42,10 +42,10 @@ def _env(tmp_path: Path, redis_url: str, keys: Keys, **extra: str) -> dict[str, 
                PROMPTCACHE_DATA_DIR=str(tmp_path / "data"), PROMPTCACHE_LOG_LEVEL=os.environ.get("CHAOS_LOG_LEVEL", "WARNING"),
                PROMPTCACHE_CLAIM_IDLE="1s", PROMPTCACHE_BLOCK="100ms",
                PROMPTCACHE_FLIGHT_LOCK_TTL="2s", PROMPTCACHE_HEALTH_INTERVAL="5s")
-    # The semantic tier is off by default here: with it on, a survivor of the SIGKILL test was
-    # seen to hold one generation job forever (about half the runs; never with it off). Run
-    # `CHAOS_EMBEDDINGS=local scripts/test -m chaos` to include it.
-    env["PROMPTCACHE_EMBEDDINGS"] = os.environ.get("CHAOS_EMBEDDINGS", "off")
+    # The service's default configuration, semantic tier included (it once exposed a lease
+    # renewer that outlived its release and held a single-flight lock for ever; see
+    # test_flight.py). `CHAOS_EMBEDDINGS=off` runs the group without it.
+    env["PROMPTCACHE_EMBEDDINGS"] = os.environ.get("CHAOS_EMBEDDINGS", "local")
     env.update(extra)
     return env
 
