@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from consumers.cache.exact import CacheEntry, ExactCache
 from consumers.cache.flight import Flight, Found
 from consumers.cache.registry import NO_ROOM, EntryRegistry, Eviction, Registered
-from consumers.errors import CacheUnavailable
+from consumers.errors import CacheUnavailable, GenerationFailed
 from consumers.generators.base import GenerationRequest, Generator
 from consumers.optimizer import PolicySettings, optimize
 from consumers.semantic.tier import SemanticTier
@@ -221,6 +221,11 @@ class Pipeline:
         generation_ms = (time.monotonic() - started) * 1000
         thumbnail = await asyncio.to_thread(make_thumbnail, image.data, self.thumbnail_size)
         blob = self.blobs.describe(image.data, image.content_type, thumbnail)
+        if self.exact is not None and await self.exact.is_flagged(blob.sha256):
+            # a deterministic backend (same prompt, params and seed) made the flagged bytes again
+            raise GenerationFailed("the generator made an image an operator flagged as bad; "
+                                   "it is not served (change the seed or the prompt)",
+                                   code="image_flagged")
         entry = CacheEntry(entry_id=new_entry_id(), blob_sha256=blob.sha256,
                            content_type=image.content_type, width=image.width,
                            height=image.height, prompt_used=prompt_used,

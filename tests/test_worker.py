@@ -332,3 +332,22 @@ async def test_a_prompt_past_the_77_token_window_reports_what_was_dropped(redis,
     assert result.status == "ok" and result.dropped
     assert "detail number 39" in " ".join(result.dropped)
     assert "detail number 39" not in result.prompt_used
+
+
+async def test_a_regenerated_flagged_image_is_not_served(redis, keys, settings):
+    """The procedural generator is deterministic, like a real backend asked with the same seed:
+    after an operator flagged an image, asking again must not serve those bytes."""
+    gen = CountingGenerator()
+    await send(redis, keys.requests, request_id="f1", prompt="a lighthouse in a storm",
+               params={"seed": 7})
+    await worker_for(settings, redis, gen).run(burst=True)
+    [first] = await results_for(redis, keys.results, "f1")
+    sha = first.image_url.rsplit("/", 1)[1].split(".")[0]
+    await redis.sadd(keys.flagged_blobs, sha)
+    await send(redis, keys.requests, request_id="f2", prompt="a lighthouse in a storm",
+               params={"seed": 7}, options={"cache": "refresh"})
+    await worker_for(settings, redis, gen).run(burst=True)
+    [second] = await results_for(redis, keys.results, "f2")
+    assert second.status == "failed" and second.error is not None
+    assert second.error.code == "image_flagged" and second.image_url is None
+    assert len(gen.calls) == 2

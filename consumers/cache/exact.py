@@ -65,6 +65,13 @@ class ExactCache:
         except (RedisError, OSError) as exc:
             raise CacheUnavailable(f"cache store unavailable: {exc}") from exc
 
+    async def is_flagged(self, blob_sha256: str) -> bool:
+        """An operator flagged this image as bad (`promptcache flag`): never serve it again."""
+        try:
+            return bool(await self.redis.sismember(self.keys.flagged_blobs, blob_sha256))
+        except (RedisError, OSError):
+            return False  # the web process refuses flagged files too (410)
+
     async def delete(self, cache_key: str) -> None:
         try:
             await self.redis.delete(self.keys.exact(cache_key))
