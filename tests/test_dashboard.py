@@ -159,12 +159,20 @@ async def test_flagged_image_is_evicted_never_served_and_its_requests_are_listed
         assert conn.execute("SELECT reason FROM flagged_entries").fetchall() == [("six fingers",)]
         assert conn.execute("SELECT evictions FROM evictions_hourly WHERE reason = 'flagged'"
                             ).fetchone() == (1,)
-    # the same prompt again: generated anew (the bad entry is gone for good)
+    # the same prompt again: generated anew (the bad entry is gone for good). The procedural
+    # generator is deterministic, like a real backend asked with the same seed, so it makes the
+    # flagged bytes again: answered failed/image_flagged, never served; another seed is served
     await _answer(redis, keys, settings, db, ("f4", "a broken clock tower"))
     from tests.helpers import results_for
 
     [again] = await results_for(redis, keys.results, "f4")
-    assert again.cache == "miss" and again.entry_id != bad["entry_id"]
+    assert again.status == "failed" and again.error is not None
+    assert again.error.code == "image_flagged" and again.image_url is None
+    await send(redis, keys.requests, request_id="f5", prompt="a broken clock tower",
+               params={"seed": 99})
+    await _answer(redis, keys, settings, db)
+    [other] = await results_for(redis, keys.results, "f5")
+    assert other.cache == "miss" and other.entry_id != bad["entry_id"]
 
 
 async def test_flag_and_served_from_the_cli(redis, redis_url, keys, settings, db, tmp_path):
