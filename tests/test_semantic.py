@@ -196,6 +196,22 @@ async def test_openai_embeddings_client_batches_and_checks_replies(server: FakeS
         await dims.aclose()
 
 
+async def test_an_empty_partition_costs_no_embedding(redis: aioredis.Redis, keys: Keys) -> None:
+    from consumers.semantic.store import SemanticStore
+
+    unreachable = OpenAIEmbedder(base_url="http://127.0.0.1:9/v1", model="m", dim=DIM)
+    store = SemanticStore(redis, keys)
+    tier = SemanticTier(embedder=CachedEmbedder(unreachable, shared=store),
+                        index=VectorIndex("m", DIM), store=store)
+    tier.ready = True
+    try:
+        assert (await tier.find("a red car on a street", "p")).skipped == "empty_partition"
+        tier.index.add(Meta("e1", tier.partition("p"), "k", "a red car"), unit(3, DIM))
+        assert (await tier.find("a red car on a street", "p")).skipped == "unavailable"
+    finally:
+        await unreachable.aclose()
+
+
 # ------------------------------------------------------------------------ through the worker
 
 async def test_rewrites_hit_semantically_and_near_misses_do_not(

@@ -130,6 +130,10 @@ class VectorIndex:
     def __contains__(self, entry_id: object) -> bool:
         return entry_id in self._meta
 
+    def size(self, partition: str) -> int:
+        part = self._parts.get(partition)
+        return len(part) if part is not None else 0
+
     @property
     def partitions(self) -> int:
         return len(self._parts)

@@ -80,6 +80,8 @@ class SemanticTier:
             if count:
                 await self.store.count(f"skipped:{why}")
             return Search(skipped=why)
+        if self.ready and not self.index.size(self.partition(params_key)):
+            return Search(skipped="empty_partition")  # nothing to compare: no model run
         vector = await self._vector(core)
         if vector is None:
             return Search(skipped="unavailable")
