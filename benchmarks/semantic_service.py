@@ -66,7 +66,7 @@ import redis.asyncio as aioredis  # noqa: E402
 
 from benchmarks.pairs import load_dev, load_prompts, own_pairs, rewrite  # noqa: E402
 from benchmarks.spine import (  # noqa: E402  (the process helpers of the spine benchmark)
-    git_state, machine, scan_worker_logs, start_workers, stop_workers, worker_health)
+    Interrupted, Stopper, _sigterm, cleanup, git_state, machine, start_workers)
 from consumers.config import Settings  # noqa: E402
 from consumers.embedded import EmbeddedValkey  # noqa: E402
 from consumers.keys import REQUESTS_GROUP, Keys  # noqa: E402
@@ -98,41 +98,6 @@ def say(text: str = "") -> None:
 
 def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM during the run."""
-
-
-class Stopper:
-    """As in benchmarks/spine.py: a signal sets a flag every wait checks (cancelling redis-py
-    mid-XREAD can hang); if the run has not stopped FORCE_AFTER_S later, or on a second signal,
-    the cleanup runs from the signal callback and the process exits."""
-
-    FORCE_AFTER_S = 10.0
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self.force: Callable[[], None] | None = None
-
-    def check(self) -> None:
-        if self.reason is not None:
-            raise Interrupted(self.reason)
-
-    def on_signal(self, sig: signal.Signals) -> None:
-        loop = asyncio.get_running_loop()
-        if self.reason is None:
-            self.reason = sig.name
-            progress(f"\n{sig.name}: stopping (again to force) ...")
-            loop.call_later(self.FORCE_AFTER_S, self._force, "the run did not stop in time")
-        else:
-            self._force("second signal")
-
-    def _force(self, why: str) -> None:
-        progress(f"forced cleanup: {why}")
-        if self.force is not None:
-            self.force()
-        os._exit(130)
 
 
 STOP = Stopper()
@@ -1171,34 +1136,6 @@ def write_json(report: dict[str, Any], out_dir: Path) -> Path:
 
 
 # --- main -------------------------------------------------------------------------------------
-
-def _sigterm(*_: object) -> None:
-    raise KeyboardInterrupt("SIGTERM")
-
-
-def cleanup(args: argparse.Namespace, report: dict[str, Any], procs: list[Any],
-            logs: list[Path], valkey: EmbeddedValkey | None, url: str | None, prefix: str,
-            tmp: Path) -> None:
-    """Stop the workers (SIGTERM, SIGKILL after 12 s), read their counters, stop Valkey, remove
-    the temp dir. Idempotent."""
-    if report.get("cleaned_up"):
-        return
-    report["cleaned_up"] = True
-    workers: dict[str, Any] = {"stopped": stop_workers(procs)}
-    if url is not None and valkey is not None:
-        try:
-            workers["health"] = worker_health(url, Keys(prefix))
-        except redis.RedisError as exc:
-            workers["health_error"] = repr(exc)
-    workers["logs"] = scan_worker_logs(logs)
-    report["workers"] = workers
-    if valkey is not None:
-        valkey.stop()
-    if args.keep_temp:
-        progress(f"temp dir kept: {tmp}")
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)

@@ -196,18 +196,8 @@ def _web(settings: Settings) -> None:
                 timeout_graceful_shutdown=5)
 
 
-def _parse_param(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise ConfigError(f"--param {text!r}: expected KEY=VALUE")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
-
-
 async def _submit(args: argparse.Namespace, settings: Settings) -> int:
-    from consumers.client import submit
+    from consumers.client import parse_param, submit
     from consumers.keys import Keys
     from consumers.runtime import require_redis_url, streams_client
     from schemas.events import Request
@@ -215,7 +205,7 @@ async def _submit(args: argparse.Namespace, settings: Settings) -> int:
     try:
         request = Request.model_validate({
             "request_id": args.id or f"cli-{uuid.uuid4().hex[:12]}", "prompt": args.prompt,
-            "negative_prompt": args.negative, "params": dict(map(_parse_param, args.param)),
+            "negative_prompt": args.negative, "params": dict(map(parse_param, args.param)),
             "options": {"cache": args.cache, "optimize": not args.no_optimize}})
     except ValidationError as exc:
         print(f"promptcache: invalid request:\n{exc}", file=sys.stderr)

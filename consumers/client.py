@@ -6,13 +6,26 @@ Redis calls work from any language.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 
 import redis.asyncio as aioredis
 
+from consumers.errors import ConfigError
 from consumers.keys import Keys
 from schemas.events import Request, Result
+
+
+def parse_param(text: str) -> tuple[str, object]:
+    """`--param KEY=VALUE` of the command line: the value as JSON (numbers, true), else text."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ConfigError(f"--param {text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 async def last_id(redis: aioredis.Redis, stream: str) -> str:

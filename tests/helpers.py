@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import os
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import redis as syncredis
 import redis.asyncio as aioredis
 
 from consumers.config import Settings
 from consumers.errors import GenerationRejected
 from consumers.generators.base import GeneratedImage, GenerationRequest
 from consumers.generators.procedural import ProceduralGenerator
+from consumers.keys import Keys
 from consumers.runtime import build_worker
 from consumers.worker import Worker
 from schemas.events import Request, Result
@@ -82,3 +86,28 @@ async def results_for(redis: aioredis.Redis, stream: str, request_id: str) -> li
 
 async def dead_letters(redis: aioredis.Redis, stream: str) -> list[dict[str, object]]:
     return [json.loads(f[b"data"]) for _, f in await redis.xrange(stream)]
+
+
+# --- for tests that run real processes (synchronous) -----------------------------------------
+
+def process_env(**values: str) -> dict[str, str]:
+    """This environment without any promptcache setting or server URL, plus `values`."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PROMPTCACHE_") and k not in ("REDIS_URL", "DATABASE_URL",
+                                                             "CACHE_REDIS_URL")}
+    env.update(values)
+    return env
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
+             interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stream_results(r: syncredis.Redis, keys: Keys) -> list[Result]:
+    return [Result.model_validate_json(f[b"data"]) for _, f in r.xrange(keys.results)]

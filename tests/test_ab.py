@@ -346,8 +346,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch  # core dependencies (the semantic tier's model): never skipped
+    import transformers
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     directory = tmp_path_factory.mktemp("tiny-clip")
@@ -393,7 +393,6 @@ async def test_clip_similarity_from_a_local_model(tiny_clip, brisque, monkeypatc
 
 
 def test_clip_absent_is_a_note_and_a_bad_path_an_error(monkeypatch, tmp_path):
-    pytest.importorskip("transformers")
     monkeypatch.setattr("consumers.ab.scores.CLIP_CANDIDATES", ("promptcache-test/no-such-clip",))
     monkeypatch.setattr(socket.socket, "connect", _no_network)
     clip, note = find_clip(None)

@@ -28,6 +28,12 @@ import redis as syncredis
 from consumers.embedded import free_port
 from consumers.keys import Keys
 from schemas.events import Request, Result
+from tests.helpers import wait_for
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> None:
+    wait_for(predicate, timeout, what, interval=0.2)  # each check is an HTTP request
+
 
 pytestmark = pytest.mark.slow
 
@@ -144,15 +150,6 @@ def _get(url: str) -> tuple[int, bytes]:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, b""
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -29,15 +29,16 @@ from consumers.keys import GENERATE_GROUP, PERSISTER_GROUP, REQUESTS_GROUP, Keys
 from consumers.storage.migrate import apply
 from schemas.events import Request, Result
 from tests.conftest import MIGRATIONS
+from tests.helpers import process_env
+from tests.helpers import stream_results as _results
+from tests.helpers import wait_for as _wait
 from tests.http_fakes import FakeServer, Recorded, Reply, png_b64
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
 
 def _env(tmp_path: Path, redis_url: str, keys: Keys, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PROMPTCACHE_") and k not in ("REDIS_URL", "DATABASE_URL",
-                                                             "CACHE_REDIS_URL")}
+    env = process_env()
     env.update(REDIS_URL=redis_url, PROMPTCACHE_PREFIX=keys.prefix,
                PROMPTCACHE_DATA_DIR=str(tmp_path / "data"), PROMPTCACHE_LOG_LEVEL=os.environ.get("CHAOS_LOG_LEVEL", "WARNING"),
                PROMPTCACHE_CLAIM_IDLE="1s", PROMPTCACHE_BLOCK="100ms",
@@ -79,19 +80,6 @@ def _start(env: dict[str, str]) -> subprocess.Popen[bytes]:
 def _send(r: syncredis.Redis, keys: Keys, request_id: str, prompt: str) -> None:
     r.xadd(keys.requests, {"data": Request(request_id=request_id, prompt=prompt)
                            .model_dump_json(exclude_none=True)})
-
-
-def _results(r: syncredis.Redis, keys: Keys) -> list[Result]:
-    return [Result.model_validate_json(f[b"data"]) for _, f in r.xrange(keys.results)]
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _pending(r: syncredis.Redis, stream: str, group: str) -> int:

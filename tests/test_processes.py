@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -17,19 +16,18 @@ import redis as syncredis
 
 from consumers.embedded import free_port
 from consumers.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
-from schemas.events import Request, Result
+from schemas.events import Request
+from tests.helpers import process_env
+from tests.helpers import stream_results as _results
+from tests.helpers import wait_for as _wait
 
 pytestmark = pytest.mark.slow
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PROMPTCACHE_") and k not in ("REDIS_URL", "DATABASE_URL",
-                                                             "CACHE_REDIS_URL")}
-    env.update(PROMPTCACHE_DATA_DIR=str(tmp_path / "data"), PROMPTCACHE_LOG_FORMAT="json",
-               PROMPTCACHE_EMBEDDINGS="off")  # the semantic tier: tests/test_semantic.py
-    env.update(extra)
-    return env
+    return process_env(PROMPTCACHE_DATA_DIR=str(tmp_path / "data"), PROMPTCACHE_LOG_FORMAT="json",
+                       PROMPTCACHE_EMBEDDINGS="off",  # the semantic tier: tests/test_semantic.py
+                       **extra)
 
 
 def _cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -39,19 +37,6 @@ def _cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.Com
 
 def _send(r: syncredis.Redis, keys: Keys, request_id: str, prompt: str) -> None:
     r.xadd(keys.requests, {"data": Request(request_id=request_id, prompt=prompt).model_dump_json()})
-
-
-def _results(r: syncredis.Redis, keys: Keys) -> list[Result]:
-    return [Result.model_validate_json(f[b"data"]) for _, f in r.xrange(keys.results)]
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _pending(r: syncredis.Redis, keys: Keys) -> int:

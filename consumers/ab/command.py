@@ -17,6 +17,7 @@ from consumers.ab.report import PROCEDURAL_NOTE, as_json, render
 from consumers.ab.run import Baseline, Report, run_ab
 from consumers.ab.scores import BrisqueScorer, Scorer, find_clip
 from consumers.ab.stats import CiMethod
+from consumers.client import parse_param
 from consumers.config import Settings
 from consumers.errors import ConfigError
 from consumers.generators import build_generator
@@ -78,20 +79,10 @@ async def ab(settings: Settings, options: AbOptions) -> Report:
         await generator.aclose()
 
 
-def _param(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise ConfigError(f"--param {text!r}: expected KEY=VALUE")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
-
-
 def main(args: argparse.Namespace, settings: Settings) -> int:
     """Run it as the command line asked; 0 when at least one metric was compared, else 1."""
     try:
-        params = Params.model_validate(dict(map(_param, args.param)))
+        params = Params.model_validate(dict(map(parse_param, args.param)))
     except ValidationError as exc:
         raise ConfigError(f"--param: {exc}") from exc
     options = AbOptions(prompts=args.prompts, limit=args.limit, seed=args.seed,

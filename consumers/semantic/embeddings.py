@@ -181,30 +181,28 @@ class LocalEmbedder:
         self._threads = threads
         self._runtime = runtime
         self._cache_dir = cache_dir
-        self._onnx: _OnnxMiniLM | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
-        self._st: Any = None
+        self._model: _OnnxMiniLM | Any = None  # _OnnxMiniLM, or a SentenceTransformer
         self._loading: asyncio.Future[None] | None = None
-        # up to 256 queued texts per call: sentence-transformers sorts them by length and
-        # encodes 32 at a time, so little is wasted on padding (2x the throughput of
-        # arrival-order batches of 32 on real prompts)
+        # up to 256 queued texts per call: sorted by length and encoded 32 at a time, so little
+        # is wasted on padding (2x the throughput of arrival-order batches of 32 with torch)
         self._batcher = _Batcher(self._encode, max_batch=256)
 
     def _load(self) -> None:
         if self._runtime == "onnx":
-            self._onnx = _OnnxMiniLM.load(self._path, self._threads, self._cache_dir)
-            self.dim = self._onnx.dim
-            self._st = self._onnx
+            onnx = _OnnxMiniLM.load(self._path, self._threads, self._cache_dir)
+            self.dim = onnx.dim
+            self._model = onnx
             return
         model = _sentence_transformer(self._path, self._threads)
         dimension = getattr(model, "get_embedding_dimension", None) or \
             model.get_sentence_embedding_dimension  # sentence-transformers < 6
         self.dim = int(dimension() or 384)
-        self._st = model
+        self._model = model
 
     async def load(self) -> None:
         """Load the model (seconds: torch import and weights). Safe to call concurrently."""
-        if self._st is not None:
+        if self._model is not None:
             return
         if self._loading is None:
             loop = asyncio.get_running_loop()
@@ -214,13 +212,13 @@ class LocalEmbedder:
 
     @property
     def ready(self) -> bool:
-        return self._st is not None
+        return self._model is not None
 
     def _encode_sync(self, texts: list[str]) -> np.ndarray:
-        if self._onnx is not None:
-            return self._onnx.encode(texts)
-        vectors = self._st.encode(texts, batch_size=MAX_BATCH, convert_to_numpy=True,
-                                  normalize_embeddings=True, show_progress_bar=False)
+        if isinstance(self._model, _OnnxMiniLM):
+            return self._model.encode(texts)
+        vectors = self._model.encode(texts, batch_size=MAX_BATCH, convert_to_numpy=True,
+                                     normalize_embeddings=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)
 
     async def _encode(self, texts: list[str]) -> np.ndarray:

@@ -130,6 +130,9 @@ class VectorIndex:
     def __contains__(self, entry_id: object) -> bool:
         return entry_id in self._meta
 
+    def ids(self) -> list[str]:
+        return list(self._meta)
+
     def size(self, partition: str) -> int:
         part = self._parts.get(partition)
         return len(part) if part is not None else 0

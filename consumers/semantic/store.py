@@ -151,7 +151,7 @@ class IndexFollower:
                 self.apply(entry_id, Record.from_json(entry_id, raw))
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("semantic_record_unreadable", entry_id=entry_id, error=str(exc))
-        for entry_id in [m for m in list(self.index._meta) if m not in seen]:  # noqa: SLF001
+        for entry_id in [m for m in self.index.ids() if m not in seen]:
             self.index.remove(entry_id)
         self.loaded = True
         log.info("semantic_index_loaded", entries=len(self.index),

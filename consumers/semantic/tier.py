@@ -80,12 +80,13 @@ class SemanticTier:
             if count:
                 await self.store.count(f"skipped:{why}")
             return Search(skipped=why)
-        if self.ready and not self.index.size(self.partition(params_key)):
+        partition = self.partition(params_key)
+        if self.ready and not self.index.size(partition):
             return Search(skipped="empty_partition")  # nothing to compare: no model run
         vector = await self._vector(core)
         if vector is None:
             return Search(skipped="unavailable")
-        neighbours = self.index.search(self.partition(params_key), vector, self.top_k)
+        neighbours = self.index.search(partition, vector, self.top_k)
         accepted: list[Neighbour] = []
         refused: Counter[str] = Counter()
         for neighbour in neighbours:
