@@ -41,7 +41,8 @@ from consumers.embedded import EmbeddedValkey  # noqa: E402
 from consumers.keys import Keys  # noqa: E402
 from consumers.prompts import canonical_prompt  # noqa: E402
 from consumers.runtime import streams_client  # noqa: E402
-from consumers.semantic.embeddings import CachedEmbedder, LocalEmbedder  # noqa: E402
+from consumers.semantic.embeddings import (LOCAL_RUNTIMES, CachedEmbedder,  # noqa: E402
+                                           LocalEmbedder)
 from consumers.semantic.index import Meta, VectorIndex  # noqa: E402
 from consumers.semantic.store import SemanticStore  # noqa: E402
 from consumers.semantic.tier import SemanticTier  # noqa: E402
@@ -63,14 +64,14 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-async def store_phase(prompts: list[str], concurrency: int,
-                      threads: int = 1) -> tuple[dict[str, float], np.ndarray]:
+async def store_phase(prompts: list[str], concurrency: int, threads: int = 1,
+                      runtime: str = "onnx-int8") -> tuple[dict[str, float], np.ndarray]:
     """Real prompts through SemanticTier.add on a real Valkey."""
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedValkey(Path(tmp)).start()
         redis = streams_client(server.url)
         keys = Keys("bench")
-        embedder = LocalEmbedder(threads=threads)
+        embedder = LocalEmbedder(threads=threads, runtime=runtime)
         try:
             store = SemanticStore(redis, keys)
             tier = SemanticTier(embedder=CachedEmbedder(embedder, shared=store),
@@ -101,7 +102,7 @@ async def store_phase(prompts: list[str], concurrency: int,
             return ({"entries": len(stored), "seconds": round(seconds, 2),
                      "entries_per_s": round(len(stored) / seconds, 1),
                      "shared_hash_entries": shared, "concurrency": concurrency,
-                     "threads": threads},
+                     "threads": threads, "runtime": runtime, "model": embedder.model},
                     np.stack(stored))
         finally:
             await embedder.aclose()
@@ -157,6 +158,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1,
                         help="model threads (PROMPTCACHE_EMBEDDING_THREADS)")
+    parser.add_argument("--runtime", choices=LOCAL_RUNTIMES, default="onnx-int8",
+                        help="PROMPTCACHE_EMBEDDING_RUNTIME (default onnx-int8)")
+    parser.add_argument("--skip-search", action="store_true", help="the store phase only")
     args = parser.parse_args()
     size = args.size or (20_000 if args.quick else 100_000)
     n_store = args.store or (1000 if args.quick else 3000)
@@ -166,7 +170,13 @@ def main() -> int:
     prompts = prompts[:n_store]
     load_start = os.getloadavg()[0]
     say(f"store: {len(prompts)} real prompts through SemanticTier.add ...")
-    store, real = asyncio.run(store_phase(prompts, args.concurrency, args.threads))
+    store, real = asyncio.run(store_phase(prompts, args.concurrency, args.threads,
+                                          args.runtime))
+    print(f"store   {store['entries']} entries in {store['seconds']} s = "
+          f"{store['entries_per_s']} entries/s per worker with {args.threads} model thread(s), "
+          f"runtime {args.runtime} (target >= 200)", flush=True)
+    if args.skip_search:
+        return 0
     say(f"search: building one partition of {size:,} entries ...")
     search = search_phase(real, size, 5000, rng)
     report = {"at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -176,9 +186,6 @@ def main() -> int:
               "store": store, "search": search,
               "targets": {"search_p99_ms": 2.0, "store_entries_per_s": 200,
                           "index_memory_mb_at_100k": 200}}
-    print(f"store   {store['entries']} entries in {store['seconds']} s = "
-          f"{store['entries_per_s']} entries/s per worker with {args.threads} model thread(s) "
-          f"(target >= 200)")
     print(f"search  {search['entries']:,} entries in one partition: p50 "
           f"{search['search_p50_ms']} ms, p99 {search['search_p99_ms']} ms (target <= 2), "
           f"self-recall@1 {search['self_recall_at_1']:.1%}")

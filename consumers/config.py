@@ -86,7 +86,9 @@ class Settings(BaseSettings):
     embeddings_api_key: SecretStr | None = None
     embeddings_dim: int | None = Field(None, ge=1)  # openai: checked against every reply
     embedding_threads: int = Field(1, ge=1, le=64)  # local: threads per worker process
-    embedding_runtime: Literal["onnx", "torch"] = "onnx"  # local: same vectors, onnx ~3x faster
+    # local: onnx-int8 (feed-forward weights in int8, ~1.8x faster than onnx), onnx (float, the
+    # same vectors as torch), torch
+    embedding_runtime: Literal["onnx-int8", "onnx", "torch"] = "onnx-int8"
     semantic_threshold: float = Field(0.75, ge=0.0, le=1.0)  # cosine, before the verifier
     semantic_verifier: bool = True  # off: the threshold alone decides (not recommended)
     semantic_top_k: int = Field(5, ge=1, le=100)

@@ -20,9 +20,11 @@ import redis.asyncio as aioredis
 from consumers.cache.registry import EntryRegistry
 from consumers.config import Settings
 from consumers.keys import Keys
+from consumers.prompts import canonical_prompt
 from consumers.runtime import SemanticLoop, blob_store, build_semantic, build_worker
-from consumers.semantic.embeddings import (CachedEmbedder, EmbeddingError, LocalEmbedder,
-                                           OpenAIEmbedder, not_embeddable)
+from consumers.semantic.embeddings import (LOCAL_INT8_MODEL_NAME, LOCAL_MODEL_NAME,
+                                           CachedEmbedder, EmbeddingError, LocalEmbedder,
+                                           OpenAIEmbedder, _Batcher, not_embeddable)
 from consumers.semantic.index import Meta, VectorIndex
 from consumers.semantic.tier import SemanticTier
 from schemas.events import Result
@@ -344,7 +346,7 @@ async def test_local_model_embeds_offline_and_batches(local_model: LocalEmbedder
 
 
 async def test_onnx_runtime_gives_the_sentence_transformers_vectors(tmp_path: Path) -> None:
-    onnx = LocalEmbedder(cache_dir=tmp_path / "models")
+    onnx = LocalEmbedder(cache_dir=tmp_path / "models", runtime="onnx")
     reference = LocalEmbedder(runtime="torch")
     texts = ["a cat", "a photo of a cat sitting on a windowsill, golden hour, 35mm",
              "portrait of an old fisherman, oil painting by rembrandt, dramatic lighting",
@@ -354,8 +356,9 @@ async def test_onnx_runtime_gives_the_sentence_transformers_vectors(tmp_path: Pa
         theirs = await reference.embed(texts)
         assert ours.shape == theirs.shape == (len(texts), 384)
         assert float(np.min(np.sum(ours * theirs, axis=1))) > 0.9999
-        assert len(list((tmp_path / "models").glob("*.onnx"))) == 1  # exported once, cached
-        again = LocalEmbedder(cache_dir=tmp_path / "models")
+        assert onnx.model == reference.model == LOCAL_MODEL_NAME
+        assert len(list((tmp_path / "models").glob("*.onnx*"))) == 1  # built once, no leftovers
+        again = LocalEmbedder(cache_dir=tmp_path / "models", runtime="onnx")
         try:
             assert np.allclose(await again.embed(texts[:2]), ours[:2], atol=1e-5)
         finally:
@@ -363,6 +366,85 @@ async def test_onnx_runtime_gives_the_sentence_transformers_vectors(tmp_path: Pa
     finally:
         await onnx.aclose()
         await reference.aclose()
+
+
+async def test_int8_runtime_is_close_to_the_float_model_and_never_meets_its_vectors(
+        tmp_path: Path) -> None:
+    floats = LocalEmbedder(cache_dir=tmp_path / "models", runtime="onnx")
+    int8 = LocalEmbedder(cache_dir=tmp_path / "models")  # the default runtime
+    texts = [canonical_prompt(p) for p in (
+        "a cat", "a red bicycle leaning against a brick wall, morning light",
+        "portrait of an old fisherman, oil painting by rembrandt, dramatic lighting",
+        "two cups of coffee, one with latte art of a heart, the other with stars",
+        " ".join(["very long prompt"] * 150))]
+    try:
+        exact = await floats.embed(texts)
+        close = await int8.embed(texts)
+        assert int8.model == LOCAL_INT8_MODEL_NAME != floats.model
+        cosines = np.sum(exact * close, axis=1)
+        assert float(cosines.min()) > 0.97 and float(cosines.max()) < 0.99999  # close, not equal
+        assert np.allclose(np.linalg.norm(close, axis=1), 1, atol=1e-4)
+        names = sorted(p.name for p in (tmp_path / "models").glob("*.onnx*"))
+        assert len(names) == 2 and names[0].endswith("-int8.onnx")  # made once, cached
+        # a batch of mixed lengths gives each text the vector it gets alone (padding is masked)
+        alone = np.concatenate([await int8.embed([t]) for t in texts])
+        assert np.allclose(close, alone, atol=1e-4)
+    finally:
+        await floats.aclose()
+        await int8.aclose()
+
+
+async def test_workers_starting_together_build_the_graph_once_and_a_failed_load_is_retried(
+        tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    first, second = LocalEmbedder(cache_dir=models), LocalEmbedder(cache_dir=models)
+    try:  # each has its own thread, as two worker processes would; the build lock serialises
+        await asyncio.gather(first.load(), second.load())
+        a = await first.embed(["a lighthouse at dusk"])
+        assert np.array_equal(a, await second.embed(["a lighthouse at dusk"]))
+    finally:
+        await first.aclose()
+        await second.aclose()
+    graphs = sorted(p.name for p in models.iterdir() if p.name != "build.lock")
+    assert len(graphs) == 2 and all(g.endswith(".onnx") for g in graphs)  # no partial leftovers
+    quantised = models / graphs[0]
+    quantised.write_bytes(quantised.read_bytes()[:1000])  # a damaged file
+    third = LocalEmbedder(cache_dir=models)
+    try:
+        with pytest.raises(Exception, match="(?i)protobuf|parse|corrupt|load"):
+            await third.load()
+        quantised.unlink()
+        await third.load()  # tried again, not the first failure for ever: rebuilt from floats
+        assert np.allclose(await third.embed(["a lighthouse at dusk"]), a, atol=1e-6)
+    finally:
+        await third.aclose()
+
+
+async def test_lookups_are_embedded_before_entries_being_stored() -> None:
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def encode(texts: list[str]) -> np.ndarray:
+        order.extend(texts)
+        await release.wait()
+        return np.ones((len(texts), 4), dtype=np.float32)
+
+    batcher = _Batcher(encode, max_batch=8, max_urgent=2)
+    try:
+        first = asyncio.create_task(batcher.submit(["store 0"], urgent=False))
+        await asyncio.sleep(0)  # the first batch is taken and is being encoded
+        stores = asyncio.create_task(batcher.submit([f"store {i}" for i in range(1, 4)],
+                                                    urgent=False))
+        lookups = [asyncio.create_task(batcher.submit([f"lookup {i}"])) for i in range(3)]
+        gave_up = asyncio.create_task(batcher.submit(["lookup cancelled"]))
+        await asyncio.sleep(0)
+        gave_up.cancel()
+        release.set()
+        await asyncio.gather(first, stores, *lookups)
+        assert order == ["store 0", "lookup 0", "lookup 1", "lookup 2",
+                         "store 1", "store 2", "store 3"]  # the cancelled one never ran
+    finally:
+        await batcher.aclose()
 
 
 async def test_local_model_in_the_worker_serves_rewrites_and_refuses_near_misses(

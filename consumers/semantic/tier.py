@@ -115,7 +115,7 @@ class SemanticTier:
         if not_embeddable(core) is not None:
             return None
         try:  # not `_vector`: an entry made while the model loads waits for it (once)
-            vector = await self.embedder.embed_one(core)
+            vector = await self.embedder.embed_one(core, urgent=False)  # lookups first
         except Exception as exc:  # noqa: BLE001 - the entry stays exact-only
             log.warning("embedding_failed", error=str(exc))
             return None
