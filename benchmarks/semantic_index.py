@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from consumers.demo import load_prompts  # noqa: E402
+from benchmarks.optimizer import load_all_prompts  # noqa: E402
+from consumers.demo import load_prompts, shared_prompts_dir  # noqa: E402
 from consumers.embedded import EmbeddedValkey  # noqa: E402
 from consumers.keys import Keys  # noqa: E402
 from consumers.prompts import canonical_prompt  # noqa: E402
@@ -165,7 +166,10 @@ def main() -> int:
     size = args.size or (20_000 if args.quick else 100_000)
     n_store = args.store or (1000 if args.quick else 3000)
     rng = np.random.default_rng(7)
-    prompts = list(dict.fromkeys(canonical_prompt(p) for p in load_prompts()))
+    shared = shared_prompts_dir()
+    everything = [p for _, p in load_all_prompts(shared)] if shared else load_prompts()
+    # every real prompt set (DiffusionDB's long prompts included), each prompt once
+    prompts = list(dict.fromkeys(canonical_prompt(p) for p in everything if p.strip()))
     random.Random(7).shuffle(prompts)
     prompts = prompts[:n_store]
     load_start = os.getloadavg()[0]

@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                                            "and optimised, BRISQUE / CLIP, mean difference "
                                            "with a 95%% CI"))
 
+    sub.add_parser("reindex", help="re-embed the semantic index's entries that another "
+                                   "embedding model made (after changing the model or runtime)")
+
     dead = sub.add_parser("dead-letter", help="list or replay dead letters")
     dead.add_argument("action", choices=["list", "replay"])
     dead.add_argument("ids", nargs="*", help="dead-letter entry ids to replay (default: all)")
@@ -145,6 +148,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             return asyncio.run(_served(args, settings))
         case "ab":
             return _ab(args, settings)
+        case "reindex":
+            return asyncio.run(_reindex(settings))
     return RET_OK
 
 
@@ -262,6 +267,44 @@ async def _stats(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps({"redis": streams, "database": db}, default=str, indent=2))
     else:
         print(render_stats(streams, db))
+    return RET_OK
+
+
+async def _reindex(settings: Settings) -> int:
+    from consumers.runtime import build_semantic, require_redis_url, streams_client
+    from consumers.semantic.reindex import ReindexReport, reindex
+    from consumers.storage.db import MetadataStore
+
+    require_redis_url(settings)
+    cache = streams_client(settings.effective_cache_redis_url or "")
+    tier = build_semantic(settings, cache)
+    if tier is None:
+        raise ConfigError("PROMPTCACHE_EMBEDDINGS=off: there is no model to re-embed with")
+
+    def progress(report: ReindexReport) -> None:
+        print(f"  {report.seen} records read, {len(report.reembedded)} re-embedded "
+              f"({report.seconds:.0f} s)", file=sys.stderr, flush=True)
+
+    print(f"re-embedding with {tier.embedder.model} (loading the model) ...", file=sys.stderr,
+          flush=True)
+    try:
+        report = await reindex(tier, progress=progress)
+    finally:
+        await tier.embedder.aclose()
+        await cache.aclose()
+    found = ", ".join(f"{model}: {n}" for model, n in report.by_model.items()) or "none"
+    print(f"{report.seen} records ({found}); {report.current} already {tier.embedder.model}; "
+          f"{len(report.reembedded)} re-embedded in {report.seconds:.1f} s"
+          + (f"; not re-embedded: {dict(report.skipped)}" if report.skipped else ""))
+    if report.reembedded and settings.database_url:
+        store = MetadataStore(settings.database_url)
+        try:
+            await store.replace_embeddings(tier.embedder.model, [
+                (r.entry_id, r.cache_key, r.params_key, r.canonical, r.vector.tolist())
+                for r in report.reembedded])
+        finally:
+            await store.aclose()
+        print(f"PostgreSQL's copy (semantic_entries) updated: {len(report.reembedded)} rows")
     return RET_OK
 
 

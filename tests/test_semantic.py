@@ -8,6 +8,8 @@ import asyncio
 import hashlib
 import json
 import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,7 +31,7 @@ from consumers.semantic.index import Meta, VectorIndex
 from consumers.semantic.tier import SemanticTier
 from schemas.events import Result
 from tests.conftest import make_settings, wait_until
-from tests.helpers import CountingGenerator, results_for, running, send
+from tests.helpers import CountingGenerator, process_env, results_for, running, send
 from tests.http_fakes import FakeServer, Recorded, Reply
 
 DIM = 64
@@ -65,9 +67,9 @@ def server() -> AsyncIterator[FakeServer]:
 
 def openai_settings(tmp_path: Path, redis_url: str, keys: Keys, server: FakeServer,
                     **extra: object) -> Settings:
-    return make_settings(tmp_path, redis_url, keys, embeddings="openai",
-                         embeddings_url=f"{server.url}/v1", embeddings_model="fake-bow",
-                         embeddings_api_key="sk-test", **extra)
+    values: dict[str, object] = dict(embeddings="openai", embeddings_url=f"{server.url}/v1",
+                                     embeddings_model="fake-bow", embeddings_api_key="sk-test")
+    return make_settings(tmp_path, redis_url, keys, **{**values, **extra})
 
 
 @asynccontextmanager
@@ -305,6 +307,47 @@ async def test_the_index_survives_a_restart_without_re_embedding(
         assert hit.cache == "semantic"
 
 
+async def test_reindex_re_embeds_another_models_entries_for_running_workers(
+        tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
+        server: FakeServer) -> None:
+    old = openai_settings(tmp_path, redis_url, keys, server)
+    async with semantic_worker(old, redis, CountingGenerator()):
+        for i, prompt in enumerate(["an old oak tree in a misty meadow",
+                                    "a teapot shaped like a pumpkin",
+                                    "a snowy mountain village at dusk"]):
+            assert (await ask(redis, keys, f"a{i}", prompt)).cache == "miss"
+    new = openai_settings(tmp_path, redis_url, keys, server, embeddings_model="fake-bow-2")
+    async with semantic_worker(new, redis, CountingGenerator(), "w2") as tier:
+        assert len(tier.index) == 0  # another model's vectors are never compared
+
+        async def stats() -> dict[str, object]:
+            raw = await redis.get(keys.semantic_index_stats("w2"))
+            return json.loads(raw) if raw else {}
+
+        async def other_models_reported() -> bool:
+            return (await stats()).get("other_models") == 3
+
+        await wait_until(other_models_reported, timeout=5)
+        env = process_env(REDIS_URL=redis_url, PROMPTCACHE_PREFIX=keys.prefix,
+                          PROMPTCACHE_EMBEDDINGS="openai",
+                          PROMPTCACHE_EMBEDDINGS_URL=f"{server.url}/v1",
+                          PROMPTCACHE_EMBEDDINGS_MODEL="fake-bow-2",
+                          PROMPTCACHE_EMBEDDINGS_API_KEY="sk-test",
+                          PROMPTCACHE_DATA_DIR=str(tmp_path / "data"))
+        done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "consumers",
+                                                        "reindex"],
+                                       env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "3 records (fake-bow: 3); 0 already fake-bow-2; 3 re-embedded" in done.stdout
+        await wait_until(lambda: _true(len(tier.index) == 3), timeout=5)  # from the log
+        hit = await ask(redis, keys, "b1", "a teapot shaped like a pumpkin, please")
+        assert hit.cache == "semantic" and hit.matched_prompt == "a teapot shaped like a pumpkin"
+        again = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "consumers",
+                                                         "reindex"],
+                                        env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0 and "3 already fake-bow-2; 0 re-embedded" in again.stdout
+
+
 async def test_embeddings_server_down_degrades_to_exact_only(
         tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
         server: FakeServer) -> None:
@@ -500,6 +543,16 @@ async def test_embeddings_reach_postgresql_and_leave_with_their_entry(db: str) -
                                                "p1", "a cat on a mat")
         back = np.array([float(x) for x in row[4].strip("[]{}").split(",")], dtype=np.float32)
         assert np.allclose(back, vector, atol=1e-6)
+        # `promptcache reindex` replaces the copy with another model's vector
+        other = unit(8, dim=384)
+        await store.replace_embeddings("m2@int8", [("e_sem1", "k1", "p1", "a cat on a mat",
+                                                    other.tolist())])
+        with psycopg.connect(db) as conn:
+            row = conn.execute("SELECT model, dim, partition, embedding::text FROM "
+                               "semantic_entries").fetchone()
+        assert row is not None and row[:3] == ("m2@int8", 384, "p1")
+        back = np.array([float(x) for x in row[3].strip("[]{}").split(",")], dtype=np.float32)
+        assert np.allclose(back, other, atol=1e-6)
         evicted = ChangeEvent(type="entry_evicted", entry_id="e_sem1", at=time.time(),
                               reason="purge")
         await store.apply_changes([("2-0", evicted)])

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -123,13 +124,16 @@ class IndexFollower:
         self.loaded = False
         self._stopping = asyncio.Event()
         self._full_logged = False
+        self.others: dict[str, str] = {}  # entry id -> "model:dim" of records we cannot compare
 
     def stop(self) -> None:
         self._stopping.set()
 
     def apply(self, entry_id: str, record: Record) -> None:
         if record.model != self.index.model or record.vector.shape[0] != self.index.dim:
+            self.others[entry_id] = f"{record.model}:{record.vector.shape[0]}"
             return  # another model's vector: never compared
+        self.others.pop(entry_id, None)  # re-embedded (`promptcache reindex`)
         if len(self.index) >= self.max_entries and entry_id not in self.index:
             if not self._full_logged:
                 log.warning("semantic_index_full", max_entries=self.max_entries,
@@ -144,6 +148,7 @@ class IndexFollower:
         last = await self.redis.xrevrange(self.keys.semantic_log, count=1)
         self.last_id = last[0][0].decode() if last else "0-0"
         seen: set[str] = set()
+        self.others.clear()
         async for raw_id, raw in self.redis.hscan_iter(self.keys.semantic_vectors, count=1000):
             entry_id = raw_id.decode()
             seen.add(entry_id)
@@ -154,6 +159,11 @@ class IndexFollower:
         for entry_id in [m for m in self.index.ids() if m not in seen]:
             self.index.remove(entry_id)
         self.loaded = True
+        if self.others:
+            log.warning("semantic_entries_of_another_model",
+                        models=dict(Counter(self.others.values())),
+                        current=f"{self.index.model}:{self.index.dim}",
+                        detail="exact-only until re-embedded: run `promptcache reindex`")
         log.info("semantic_index_loaded", entries=len(self.index),
                  partitions=self.index.partitions, memory_bytes=self.index.memory_bytes(),
                  seconds=round(time.monotonic() - started, 3))
@@ -168,6 +178,7 @@ class IndexFollower:
                 entry_id = fields.get(b"id", b"").decode()
                 if fields.get(b"op") == b"del":
                     self.index.remove(entry_id)
+                    self.others.pop(entry_id, None)
                 elif fields.get(b"op") == b"add" and b"record" in fields:
                     try:
                         self.apply(entry_id, Record.from_json(entry_id, fields[b"record"]))
@@ -189,7 +200,8 @@ class IndexFollower:
         await self.redis.set(self.keys.semantic_index_stats(self.consumer), json.dumps({
             "model": self.index.model, "dim": self.index.dim, "entries": len(self.index),
             "partitions": self.index.partitions, "memory_bytes": self.index.memory_bytes(),
-            "max_entries": self.max_entries, "at": time.time()}),
+            "max_entries": self.max_entries, "other_models": len(self.others),
+            "at": time.time()}),
             ex=max(int(self.stats_interval_s * 6), 30))
 
     async def run(self, burst: bool = False) -> None:

@@ -41,6 +41,13 @@ INSERT INTO semantic_entries (entry_id, cache_key, partition, model, dim, canoni
 VALUES (%s, %s, %s, %s, %s, %s, %s::text::{type}, %s)
 ON CONFLICT (entry_id) DO NOTHING
 """
+_REPLACE_SEMANTIC = """
+INSERT INTO semantic_entries (entry_id, cache_key, partition, model, dim, canonical_prompt,
+    embedding, created_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s::text::{type}, now())
+ON CONFLICT (entry_id) DO UPDATE SET partition = EXCLUDED.partition, model = EXCLUDED.model,
+    dim = EXCLUDED.dim, embedding = EXCLUDED.embedding
+"""
 _TOUCH = """
 UPDATE cache_entries SET last_used_at = GREATEST(last_used_at, %s), hit_count = hit_count + %s
 WHERE entry_id = %s
@@ -131,6 +138,23 @@ class MetadataStore:
                                       (evicted,))
                     await cur.execute("DELETE FROM semantic_entries WHERE entry_id = ANY(%s)",
                                       (evicted,))
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def replace_embeddings(self, model: str,
+                                 rows: Sequence[tuple[str, str, str, str, Sequence[float]]]
+                                 ) -> None:
+        """`promptcache reindex`: (entry id, cache key, params partition, canonical prompt,
+        vector) re-embedded by `model`, replacing the durable copy."""
+        conn = await self._connection()
+        try:
+            async with conn.transaction(), conn.cursor() as cur:
+                vector_type = await self._embedding_type(cur)
+                await cur.executemany(_REPLACE_SEMANTIC.format(type=vector_type), [
+                    (entry_id, cache_key, partition, model, len(vector), canonical,
+                     _vector_literal([float(x) for x in vector], vector_type))
+                    for entry_id, cache_key, partition, canonical, vector in rows])
         except BaseException:
             await self.aclose()
             raise
