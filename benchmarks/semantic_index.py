@@ -1,12 +1,16 @@
 """Semantic index: search latency and memory at 100,000 entries, and storing new entries.
 
-    .venv/bin/python benchmarks/semantic_index.py            # 100,000 entries (about 5 minutes)
+    .venv/bin/python benchmarks/semantic_index.py            # 100,000 entries (about 2 minutes)
     .venv/bin/python benchmarks/semantic_index.py --quick    # 20,000 entries
+    .venv/bin/python benchmarks/semantic_index.py --skip-search --short-prompts --runtime onnx
 
 What it measures (writes benchmarks/results/semantic-index-latest.json):
-  store     real prompts from ../shared/data/prompts stored through SemanticTier.add on a real
-            Valkey (embedding with all-MiniLM-L6-v2 on one thread, batched by concurrency; the
-            shared vectors hash + log; this process's index): entries per second per worker
+  store     3,000 real prompts (every prompt set in ../shared/data/prompts, DiffusionDB's long
+            ones included; --short-prompts: only the 3-40-word sample) stored through
+            SemanticTier.add on a real Valkey: embedding with the local model on one thread
+            (--runtime, --threads), the shared vectors hash + log, this process's index; 64 at
+            a time. Entries per second per worker. Every text is new to the embedder: the cold
+            case (in the service, the entry a miss generated reuses its lookup's embedding).
   search    VectorIndex.search (top 5) in ONE params partition of N entries (the worst case:
             every entry made with the same params), queries = stored vectors plus noise:
             p50/p99 in ms. N is reached from the embedded real prompts plus perturbed copies
@@ -27,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -103,7 +108,8 @@ async def store_phase(prompts: list[str], concurrency: int, threads: int = 1,
             return ({"entries": len(stored), "seconds": round(seconds, 2),
                      "entries_per_s": round(len(stored) / seconds, 1),
                      "shared_hash_entries": shared, "concurrency": concurrency,
-                     "threads": threads, "runtime": runtime, "model": embedder.model},
+                     "threads": threads, "runtime": runtime, "model": embedder.model,
+                     "mean_chars": round(sum(map(len, prompts)) / len(prompts), 1)},
                     np.stack(stored))
         finally:
             await embedder.aclose()
@@ -111,44 +117,69 @@ async def store_phase(prompts: list[str], concurrency: int, threads: int = 1,
             server.stop()
 
 
-def search_phase(real: np.ndarray, size: int, queries: int, rng: np.random.Generator
-                 ) -> dict[str, float]:
-    before = rss_mb()
-    index = VectorIndex("bench-model", real.shape[1])
-    started = time.perf_counter()
-    batch = 5000
+def _vectors(real: np.ndarray, size: int, seed: int) -> Iterator[np.ndarray]:
+    """The index's contents in batches: the real vectors, then perturbed copies of them.
+    Deterministic in `seed`, so the exact answer can be recomputed after memory is measured."""
+    rng = np.random.default_rng(seed)
     added = 0
     while added < size:
-        n = min(batch, size - added)
+        n = min(5000, size - added)
         base = real[rng.integers(0, len(real), n)]
         noisy = base + rng.normal(0, 0.04, base.shape).astype(np.float32)
         noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
         if added < len(real):  # the real vectors themselves first
             take = min(n, len(real) - added)
             noisy[:take] = real[added:added + take]
-        for j in range(n):
-            index.add(Meta(f"e{added + j}", "p", "k", "x" * 60), noisy[j])
+        yield noisy
         added += n
+
+
+def search_phase(real: np.ndarray, size: int, queries: int, seed: int = 7
+                 ) -> dict[str, float]:
+    before = rss_mb()
+    index = VectorIndex("bench-model", real.shape[1])
+    started = time.perf_counter()
+    added = 0
+    for batch in _vectors(real, size, seed):
+        for j in range(len(batch)):
+            index.add(Meta(f"e{added + j}", "p", "k", "x" * 60), batch[j])
+        added += len(batch)
         say(f"  index: {added}/{size} ({time.perf_counter() - started:.0f}s)")
     build_s = time.perf_counter() - started
+    memory_mb = index.memory_bytes() / 1e6
+    rss_growth = rss_mb() - before
+    rng = np.random.default_rng(seed + 1)
+    probes = [real[q % len(real)] + rng.normal(0, 0.02, real.shape[1]).astype(np.float32)
+              for q in range(queries)]
+    probes = [v / np.linalg.norm(v) for v in probes]
     timings = []
-    for q in range(queries):
-        vector = real[q % len(real)] + rng.normal(0, 0.02, real.shape[1]).astype(np.float32)
-        vector /= np.linalg.norm(vector)
+    found: list[list[int]] = []
+    for vector in probes:
         t0 = time.perf_counter()
-        index.search("p", vector, 5)
+        top = index.search("p", vector, 5)
         timings.append((time.perf_counter() - t0) * 1000)
-    recall = 0
-    for q in range(200):  # the real vector itself must come back first
-        top = index.search("p", real[q], 1)
-        recall += bool(top) and top[0].meta.entry_id == f"e{q}"
+        found.append([int(n.meta.entry_id[1:]) for n in top])
+    # recall against brute force (float32) over the same vectors. at 1: the search's first
+    # answer is the true nearest, or exactly as similar (near-identical prompts tie);
+    # 1@5: the true nearest is among the 5 candidates the verifier is shown
+    # both rounded to float16 as the index stores them: the question is whether the graph
+    # finds the nearest, not how float16 rounds
+    everything = np.concatenate(list(_vectors(real, size, seed))).astype(np.float16)
+    checked = np.stack(probes[:500]).astype(np.float16).astype(np.float32)
+    everything = everything.astype(np.float32)
+    exact = everything @ checked.T  # (entries, probes)
+    best = exact.argmax(axis=0)
+    at1 = [bool(f) and exact[f[0], q] >= exact[best[q], q] - 1e-5 for q, f in
+           enumerate(found[:500])]
+    at5 = [int(best[q]) in f or any(exact[i, q] >= exact[best[q], q] - 1e-5 for i in f)
+           for q, f in enumerate(found[:500])]
+    recall, recall5 = float(np.mean(at1)), float(np.mean(at5))
     return {"entries": len(index), "build_s": round(build_s, 1),
             "search_p50_ms": round(statistics.median(timings), 3),
             "search_p99_ms": round(pct(timings, 0.99), 3),
             "search_max_ms": round(max(timings), 3), "queries": queries,
-            "self_recall_at_1": recall / 200,
-            "index_memory_mb": round(index.memory_bytes() / 1e6, 1),
-            "rss_growth_mb": round(rss_mb() - before, 1)}
+            "recall_at_1": recall, "recall_1_at_5": recall5, "recall_queries": len(checked),
+            "index_memory_mb": round(memory_mb, 1), "rss_growth_mb": round(rss_growth, 1)}
 
 
 def main() -> int:
@@ -162,12 +193,15 @@ def main() -> int:
     parser.add_argument("--runtime", choices=LOCAL_RUNTIMES, default="onnx-int8",
                         help="PROMPTCACHE_EMBEDDING_RUNTIME (default onnx-int8)")
     parser.add_argument("--skip-search", action="store_true", help="the store phase only")
+    parser.add_argument("--short-prompts", action="store_true",
+                        help="store only PartiPrompts and the ImageReward benchmark prompts of "
+                             "3-40 words (the demo's sample), not every shared prompt set")
     args = parser.parse_args()
     size = args.size or (20_000 if args.quick else 100_000)
     n_store = args.store or (1000 if args.quick else 3000)
-    rng = np.random.default_rng(7)
     shared = shared_prompts_dir()
-    everything = [p for _, p in load_all_prompts(shared)] if shared else load_prompts()
+    everything = [p for _, p in load_all_prompts(shared)] \
+        if shared and not args.short_prompts else load_prompts()
     # every real prompt set (DiffusionDB's long prompts included), each prompt once
     prompts = list(dict.fromkeys(canonical_prompt(p) for p in everything if p.strip()))
     random.Random(7).shuffle(prompts)
@@ -178,11 +212,12 @@ def main() -> int:
                                           args.runtime))
     print(f"store   {store['entries']} entries in {store['seconds']} s = "
           f"{store['entries_per_s']} entries/s per worker with {args.threads} model thread(s), "
-          f"runtime {args.runtime} (target >= 200)", flush=True)
+          f"runtime {args.runtime}, {'short' if args.short_prompts else 'all'} prompts "
+          f"(target >= 200)", flush=True)
     if args.skip_search:
         return 0
     say(f"search: building one partition of {size:,} entries ...")
-    search = search_phase(real, size, 5000, rng)
+    search = search_phase(real, size, 5000)
     report = {"at": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "loadavg_start": round(load_start, 2),
@@ -192,7 +227,8 @@ def main() -> int:
                           "index_memory_mb_at_100k": 200}}
     print(f"search  {search['entries']:,} entries in one partition: p50 "
           f"{search['search_p50_ms']} ms, p99 {search['search_p99_ms']} ms (target <= 2), "
-          f"self-recall@1 {search['self_recall_at_1']:.1%}")
+          f"recall@1 {search['recall_at_1']:.1%}, true nearest in the top 5 "
+          f"{search['recall_1_at_5']:.1%} (against brute force)")
     print(f"memory  index {search['index_memory_mb']} MB, RSS growth "
           f"{search['rss_growth_mb']} MB (target <= 200 MB at 100k)")
     print(f"load average {load_start:.2f} -> {os.getloadavg()[0]:.2f} on "
