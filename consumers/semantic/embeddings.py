@@ -247,7 +247,9 @@ class OpenAIEmbedder:
         self._url = base_url.rstrip("/") + "/embeddings"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = client or httpx.AsyncClient(timeout=timeout_s, headers=headers)
-        self._batcher = _Batcher(self._request)
+        # one HTTP call at a time: up to 32 texts in it, lookups first (a call costs about the
+        # same whatever its size, so lookups are not held to small batches here)
+        self._batcher = _Batcher(self._request, max_batch=MAX_BATCH, max_urgent=MAX_BATCH)
         self.ready = True
 
     async def load(self) -> None:
