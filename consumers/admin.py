@@ -36,6 +36,9 @@ def render_stats(streams: dict[str, Any], db: dict[str, Any] | None) -> str:
         for index in semantic["indexes"]:
             lines.append(f"  {index['consumer']:<32} {index.get('entries', 0):,} in memory,"
                          f" {index.get('memory_bytes', 0) / 1e6:.1f} MB ({index.get('model')})")
+            if others := index.get("other_models"):
+                lines.append(f"  {'':<32} {others:,} embedded by another model: exact-only "
+                             "until `promptcache reindex`")
         refused = {k.split(":", 1)[1]: v for k, v in semantic["decisions"].items()
                    if k.startswith("refused:")}
         skipped = {k.split(":", 1)[1]: v for k, v in semantic["decisions"].items()

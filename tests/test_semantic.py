@@ -334,6 +334,11 @@ async def test_reindex_re_embeds_another_models_entries_for_running_workers(
                           PROMPTCACHE_EMBEDDINGS_MODEL="fake-bow-2",
                           PROMPTCACHE_EMBEDDINGS_API_KEY="sk-test",
                           PROMPTCACHE_DATA_DIR=str(tmp_path / "data"))
+        shown = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "consumers",
+                                                         "stats"],
+                                        env=env, capture_output=True, text=True, timeout=60)
+        assert "3 embedded by another model: exact-only until `promptcache reindex`" in \
+            shown.stdout, shown.stdout + shown.stderr
         done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "consumers",
                                                         "reindex"],
                                        env=env, capture_output=True, text=True, timeout=120)
