@@ -90,6 +90,12 @@ class Keys:
         """stream of adds and removals that every worker's in-memory index follows."""
         return f"{self.prefix}:semantic:log"
 
+    @property
+    def semantic_inflight(self) -> str:
+        """hash flight lock -> a generation in flight (prompt, partition, vector) or just done
+        (cache key): what similar misses wait for."""
+        return f"{self.prefix}:semantic:inflight"
+
     def embedding(self, model: str, dim: int, text_hash: str) -> str:
         return f"{self.prefix}:semantic:embedding:{model}:{dim}:{text_hash}"
 

@@ -20,8 +20,9 @@ from consumers.cache.registry import NO_ROOM, EntryRegistry, Eviction, Registere
 from consumers.errors import CacheUnavailable, GenerationFailed
 from consumers.generators.base import GenerationRequest, Generator
 from consumers.optimizer import PolicySettings, optimize
-from consumers.semantic.tier import SemanticTier
 from consumers.prompts import NormalizedParams, cache_key, normalize_params
+from consumers.semantic.inflight import SimilarFlights
+from consumers.semantic.tier import SemanticTier
 from consumers.storage.blobs import BlobStore, StoredBlob
 from consumers.thumbnails import make_thumbnail
 from schemas.events import CacheStatus, ChangeEvent, Request, Result
@@ -35,6 +36,11 @@ def new_entry_id() -> str:
 
 class StorageFull(Exception):
     """Nothing could be evicted to make room: the request stays pending and is retried."""
+
+
+class LookAgain(Exception):
+    """The leader of identical misses was answered from a similar prompt's entry, so it made no
+    entry for this key: its followers look for themselves."""
 
 
 def evicted_event(eviction: Eviction, reason: str) -> ChangeEvent:
@@ -78,7 +84,8 @@ class Pipeline:
                  public_url: str, thumbnail_size: int = 256,
                  registry: EntryRegistry | None = None,
                  policy: PolicySettings | None = None, flight: Flight | None = None,
-                 semantic: SemanticTier | None = None) -> None:
+                 semantic: SemanticTier | None = None,
+                 similar_flights: SimilarFlights | None = None) -> None:
         self.generator = generator
         self.policy = policy or PolicySettings()
         self.exact = exact
@@ -92,6 +99,7 @@ class Pipeline:
         self._in_flight: dict[str, asyncio.Future[CacheEntry]] = {}
         self.flight = flight
         self.semantic = semantic
+        self.similar_flights = similar_flights  # rewrites of a prompt in flight wait for it
 
     def _urls(self, blob_sha256: str, content_type: str) -> tuple[str, str]:
         ext = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}[content_type]
@@ -190,9 +198,26 @@ class Pipeline:
                     future.set_result(joined.value)
                     return self._hit(prepared, joined.value, "coalesced")
                 lease = joined  # None: the cache store is down, generate without a lock
+            announced = False
+            if lease is not None and self.similar_flights is not None:
+                if (served := await self._wait_for_similar(prepared)) is not None:
+                    await lease.release()
+                    if future is not None:  # identical followers here look for themselves
+                        self._in_flight.pop(prepared.key, None)
+                        future.set_exception(LookAgain())
+                        future.exception()
+                    return served
+                announced = await self.similar_flights.announce(
+                    lease.name, prepared.canonical, prepared.params_key)
+            made: CacheEntry | None = None
             try:
-                outcome, entry = await self._generate_and_store(prepared, cache_usable)
+                outcome, made = await self._generate_and_store(prepared, cache_usable)
+                entry = made
             finally:
+                if announced and lease is not None and self.similar_flights is not None:
+                    stored = made is not None and outcome.result.cache == "miss"
+                    await self.similar_flights.finish(lease.name,
+                                                      prepared.key if stored else None)
                 if lease is not None:
                     await lease.release()
         except BaseException as exc:
@@ -206,6 +231,25 @@ class Pipeline:
             self._in_flight.pop(prepared.key, None)
             future.set_result(entry)
         return outcome
+
+    async def _wait_for_similar(self, prepared: Prepared) -> Outcome | None:
+        """A rewrite of this prompt is being generated: wait for it and answer from its entry."""
+        assert self.similar_flights is not None and self.exact is not None
+        holder = await self.similar_flights.find(prepared.canonical, prepared.params_key)
+        if holder is None:
+            return None
+        finished = await self.similar_flights.wait(holder)
+        if finished.cache_key is None:
+            return None  # it failed or died: generate
+        try:
+            entry = await self.exact.get(finished.cache_key)
+        except CacheUnavailable as exc:
+            log.warning("cache_unavailable", error=str(exc))
+            return None
+        if entry is None or not self.blobs.exists(entry.blob_sha256, entry.content_type):
+            return None
+        return self._hit(prepared, entry, "semantic", similarity=holder.similarity,
+                         matched_prompt=holder.prompt)
 
     async def _generate_and_store(self, prepared: Prepared,
                                   cache_usable: bool) -> tuple[Outcome, CacheEntry]:

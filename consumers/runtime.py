@@ -24,6 +24,7 @@ from consumers.persister import Persister
 from consumers.pipeline import Pipeline
 from consumers.semantic.embeddings import CachedEmbedder, build_embedder
 from consumers.semantic.index import VectorIndex
+from consumers.semantic.inflight import SimilarFlights
 from consumers.semantic.store import IndexFollower, SemanticStore
 from consumers.semantic.tier import SemanticTier
 from consumers.storage.blobs import BlobStore
@@ -140,7 +141,11 @@ def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aior
                                               hate=settings.policy_hate,
                                               real_person=settings.policy_real_person),
                         flight=Flight(cache_redis, keys, ttl=settings.flight_lock_ttl)
-                        if cache_redis else None, semantic=semantic)
+                        if cache_redis else None, semantic=semantic,
+                        similar_flights=SimilarFlights(
+                            cache_redis, keys, semantic,
+                            max_wait_s=settings.generator_timeout.total_seconds())
+                        if cache_redis and semantic else None)
     return Worker(redis=redis, keys=keys, pipeline=pipeline, consumer=consumer,
                   batch_size=settings.batch_size, max_in_flight=settings.max_in_flight,
                   generation_concurrency=settings.generation_concurrency,

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,9 @@ import redis.asyncio as aioredis
 from consumers.cache.registry import EntryRegistry
 from consumers.config import Settings
 from consumers.keys import Keys
+from consumers.errors import GenerationRejected
+from consumers.generators.base import GeneratedImage, GenerationRequest
+from consumers.generators.procedural import ProceduralGenerator
 from consumers.prompts import canonical_prompt
 from consumers.runtime import SemanticLoop, blob_store, build_semantic, build_worker
 from consumers.semantic.embeddings import (LOCAL_INT8_MODEL_NAME, LOCAL_MODEL_NAME,
@@ -351,6 +355,75 @@ async def test_reindex_re_embeds_another_models_entries_for_running_workers(
                                                          "reindex"],
                                         env=env, capture_output=True, text=True, timeout=120)
         assert again.returncode == 0 and "3 already fake-bow-2; 0 re-embedded" in again.stdout
+
+
+PARAMS = {"width": 512, "height": 512}
+
+
+async def answers(redis: aioredis.Redis, keys: Keys, *ids: str) -> dict[str, Result]:
+    async def all_answered() -> bool:
+        return all([await results_for(redis, keys.results, i) for i in ids])
+
+    await wait_until(all_answered, timeout=60)
+    return {i: (await results_for(redis, keys.results, i))[0] for i in ids}
+
+
+async def still_in_flight(redis: aioredis.Redis, keys: Keys) -> list[str]:
+    """Announced generations not marked done (finished ones stay a minute for their waiters)."""
+    records = await redis.hgetall(keys.semantic_inflight)
+    return [json.loads(v)["prompt"] for v in records.values() if not json.loads(v).get("done")]
+
+
+async def test_a_rewrite_of_a_prompt_being_generated_waits_for_it_on_another_worker(
+        tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
+        server: FakeServer) -> None:
+    settings = openai_settings(tmp_path, redis_url, keys, server)
+    gen = CountingGenerator(latency_ms=1500)
+    async with semantic_worker(settings, redis, gen, "w1"), \
+            semantic_worker(settings, redis, gen, "w2"):
+        await send(redis, keys.requests, request_id="f1",
+                   prompt="a teapot shaped like a pumpkin", params=PARAMS)
+        await wait_until(lambda: _true(len(gen.calls) == 1), timeout=10)  # f1 is generating
+        await send(redis, keys.requests, request_id="f2",
+                   prompt="a teapot shaped like a pumpkin, please", params=PARAMS)
+        await send(redis, keys.requests, request_id="f3",  # a near-miss: not worth waiting for
+                   prompt="a teapot shaped like a pineapple", params=PARAMS)
+        got = await answers(redis, keys, "f1", "f2", "f3")
+    assert got["f1"].cache == "miss" and got["f3"].cache == "miss"
+    assert got["f2"].cache == "semantic" and got["f2"].entry_id == got["f1"].entry_id
+    assert got["f2"].matched_prompt == "a teapot shaped like a pumpkin"
+    assert len(gen.calls) == 2  # f1 and f3; f2 waited for f1
+    assert await still_in_flight(redis, keys) == []
+
+
+@dataclass
+class SlowFailure(CountingGenerator):
+    """Fails the first call after its latency (the holder's generation), then works."""
+
+    async def generate(self, request: GenerationRequest) -> GeneratedImage:
+        self.calls.append(request.prompt)
+        await asyncio.sleep(self.latency_ms / 1000)
+        if len(self.calls) == 1:
+            raise GenerationRejected("the backend refused this prompt")
+        return await ProceduralGenerator(latency_ms=0).generate(request)
+
+
+async def test_when_the_similar_generation_fails_the_waiter_generates_itself(
+        tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
+        server: FakeServer) -> None:
+    settings = openai_settings(tmp_path, redis_url, keys, server)
+    gen = SlowFailure(latency_ms=1000)
+    async with semantic_worker(settings, redis, gen, "w1"):
+        await send(redis, keys.requests, request_id="g1",
+                   prompt="a castle made of candy", params=PARAMS)
+        await wait_until(lambda: _true(len(gen.calls) == 1), timeout=10)
+        await send(redis, keys.requests, request_id="g2",
+                   prompt="a castle made of candy, please", params=PARAMS)
+        got = await answers(redis, keys, "g1", "g2")
+    assert got["g1"].status == "failed"
+    assert got["g2"].status == "ok" and got["g2"].cache == "miss"  # waited, then made it
+    assert len(gen.calls) == 2
+    assert await still_in_flight(redis, keys) == []  # the failure removed its announcement
 
 
 async def test_embeddings_server_down_degrades_to_exact_only(
