@@ -85,8 +85,8 @@ class SimilarFlights:
                 if record["until"] < now:
                     stale.append(raw_lock)
                     continue
-                if record["partition"] != partition or record.get("done"):
-                    continue
+                if record.get("done") or record.get("partition") != partition:
+                    continue  # finished (kept for its waiters), or another partition
                 theirs = np.frombuffer(base64.b64decode(record["vec"]), dtype="<f2")
                 similarity = float(theirs.astype(np.float32) @ vector)
                 if similarity < self.tier.threshold or (best and similarity <= best.similarity):
