@@ -200,7 +200,7 @@ class Pipeline:
                 lease = joined  # None: the cache store is down, generate without a lock
             announced = False
             if lease is not None and self.similar_flights is not None:
-                if (served := await self._wait_for_similar(prepared)) is not None:
+                if (served := await self._wait_for_similar(prepared, lease.name)) is not None:
                     await lease.release()
                     if future is not None:  # identical followers here look for themselves
                         self._in_flight.pop(prepared.key, None)
@@ -232,10 +232,10 @@ class Pipeline:
             future.set_result(entry)
         return outcome
 
-    async def _wait_for_similar(self, prepared: Prepared) -> Outcome | None:
+    async def _wait_for_similar(self, prepared: Prepared, lock: str) -> Outcome | None:
         """A rewrite of this prompt is being generated: wait for it and answer from its entry."""
         assert self.similar_flights is not None and self.exact is not None
-        holder = await self.similar_flights.find(prepared.canonical, prepared.params_key)
+        holder = await self.similar_flights.find(prepared.canonical, prepared.params_key, lock)
         if holder is None:
             return None
         finished = await self.similar_flights.wait(holder)

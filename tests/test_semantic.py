@@ -32,6 +32,7 @@ from consumers.semantic.embeddings import (LOCAL_INT8_MODEL_NAME, LOCAL_MODEL_NA
                                            CachedEmbedder, EmbeddingError, LocalEmbedder,
                                            OpenAIEmbedder, _Batcher, not_embeddable)
 from consumers.semantic.index import Meta, VectorIndex
+from consumers.semantic.inflight import SimilarFlights
 from consumers.semantic.tier import SemanticTier
 from schemas.events import Result
 from tests.conftest import make_settings, wait_until
@@ -397,6 +398,27 @@ async def test_a_rewrite_of_a_prompt_being_generated_waits_for_it_on_another_wor
     assert got["f2"].matched_prompt == "a teapot shaped like a pumpkin"
     assert len(gen.calls) == 3  # f0, f1 and f3; f2 waited for f1
     assert await still_in_flight(redis, keys) == []
+
+
+async def test_a_dead_holders_announcement_never_makes_its_successor_wait_on_itself(
+        tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
+        server: FakeServer) -> None:
+    settings = openai_settings(tmp_path, redis_url, keys, server)
+    tier = build_semantic(settings, redis)
+    assert tier is not None
+    flights = SimilarFlights(redis, keys, tier, max_wait_s=5)
+    try:
+        await tier.warm()
+        prompt = "a lantern floating on a dark lake"
+        # a worker announced this key's generation and was killed: its record stays, and the
+        # next worker to generate the key holds the same lock name
+        assert await flights.announce("lock-of-key-1", prompt, "p")
+        assert await flights.find(prompt, "p", own_lock="lock-of-key-1") is None
+        other = await flights.find(f"{prompt}, please", "p", own_lock="lock-of-key-2")
+        assert other is not None and other.lock == "lock-of-key-1"  # a rewrite does wait
+        await flights.finish("lock-of-key-1", None)
+    finally:
+        await tier.embedder.aclose()
 
 
 @dataclass

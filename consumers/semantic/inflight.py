@@ -69,8 +69,10 @@ class SimilarFlights:
         except EmbeddingError:
             return None
 
-    async def find(self, canonical: str, params_key: str) -> Holder | None:
-        """The most similar verified generation in flight in the same partition, if any."""
+    async def find(self, canonical: str, params_key: str, own_lock: str) -> Holder | None:
+        """The most similar verified generation in flight in the same partition, if any.
+        `own_lock`: ours. A holder that died leaves its announcement under its key's lock, which
+        whoever generates that key next holds: waiting on it would be waiting on ourselves."""
         vector = await self._vector(canonical)
         if vector is None:
             return None
@@ -81,6 +83,8 @@ class SimilarFlights:
             records = await self.redis.hgetall(self.key)
             stale = []
             for raw_lock, raw in records.items():
+                if raw_lock.decode() == own_lock:
+                    continue
                 record = json.loads(raw)
                 if record["until"] < now:
                     stale.append(raw_lock)
