@@ -198,26 +198,18 @@ class Pipeline:
                     future.set_result(joined.value)
                     return self._hit(prepared, joined.value, "coalesced")
                 lease = joined  # None: the cache store is down, generate without a lock
-            announced = False
-            if lease is not None and self.similar_flights is not None:
-                if (served := await self._wait_for_similar(prepared, lease.name)) is not None:
-                    await lease.release()
-                    if future is not None:  # identical followers here look for themselves
-                        self._in_flight.pop(prepared.key, None)
-                        future.set_exception(LookAgain())
-                        future.exception()
-                    return served
-                announced = await self.similar_flights.announce(
-                    lease.name, prepared.canonical, prepared.params_key)
-            made: CacheEntry | None = None
+            if lease is not None and self.similar_flights is not None and \
+                    (served := await self._wait_for_similar(prepared, lease.name)) is not None:
+                await lease.release()
+                if future is not None:  # identical followers here look for themselves
+                    self._in_flight.pop(prepared.key, None)
+                    future.set_exception(LookAgain())
+                    future.exception()
+                return served
             try:
-                outcome, made = await self._generate_and_store(prepared, cache_usable)
-                entry = made
+                outcome, entry = await self._generate_announced(
+                    prepared, cache_usable, lease.name if lease is not None else None)
             finally:
-                if announced and lease is not None and self.similar_flights is not None:
-                    stored = made is not None and outcome.result.cache == "miss"
-                    await self.similar_flights.finish(lease.name,
-                                                      prepared.key if stored else None)
                 if lease is not None:
                     await lease.release()
         except BaseException as exc:
@@ -250,6 +242,23 @@ class Pipeline:
             return None
         return self._hit(prepared, entry, "semantic", similarity=holder.similarity,
                          matched_prompt=holder.prompt)
+
+    async def _generate_announced(self, prepared: Prepared, cache_usable: bool,
+                                  lock: str | None) -> tuple[Outcome, CacheEntry]:
+        """Generate, with the prompt announced to similar misses while it is being made (when
+        this holds the key's flight lock): they get the entry, or are let go if it fails."""
+        flights = self.similar_flights
+        if lock is None or flights is None or not await flights.announce(
+                lock, prepared.canonical, prepared.params_key):
+            return await self._generate_and_store(prepared, cache_usable)
+        stored: str | None = None
+        try:
+            outcome, entry = await self._generate_and_store(prepared, cache_usable)
+            if outcome.result.cache == "miss":  # registered under its key
+                stored = prepared.key
+            return outcome, entry
+        finally:
+            await flights.finish(lock, stored)  # before the lock goes: waiters read this first
 
     async def _generate_and_store(self, prepared: Prepared,
                                   cache_usable: bool) -> tuple[Outcome, CacheEntry]:

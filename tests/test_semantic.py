@@ -294,15 +294,25 @@ async def test_an_entry_stored_by_one_worker_is_a_candidate_for_another_within_1
         assert not await redis.hexists(keys.semantic_vectors, record_id)
 
 
-async def test_the_index_survives_a_restart_without_re_embedding(
-        tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
-        server: FakeServer) -> None:
-    settings = openai_settings(tmp_path, redis_url, keys, server)
+async def generate_three(settings: Settings, redis: aioredis.Redis, keys: Keys) -> None:
+    """Three entries, embedded by `settings`' model, by a worker that then stops."""
     async with semantic_worker(settings, redis, CountingGenerator()):
         for i, prompt in enumerate(["an old oak tree in a misty meadow",
                                     "a teapot shaped like a pumpkin",
                                     "a snowy mountain village at dusk"]):
             assert (await ask(redis, keys, f"a{i}", prompt)).cache == "miss"
+
+
+def promptcache(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "consumers", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+async def test_the_index_survives_a_restart_without_re_embedding(
+        tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
+        server: FakeServer) -> None:
+    settings = openai_settings(tmp_path, redis_url, keys, server)
+    await generate_three(settings, redis, keys)
     embedded = sum(len(c.json()["input"]) for c in server.calls("POST", "/v1/embeddings"))
     async with semantic_worker(settings, redis, CountingGenerator(), "w9") as tier:
         assert len(tier.index) == 3
@@ -316,11 +326,7 @@ async def test_reindex_re_embeds_another_models_entries_for_running_workers(
         tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
         server: FakeServer) -> None:
     old = openai_settings(tmp_path, redis_url, keys, server)
-    async with semantic_worker(old, redis, CountingGenerator()):
-        for i, prompt in enumerate(["an old oak tree in a misty meadow",
-                                    "a teapot shaped like a pumpkin",
-                                    "a snowy mountain village at dusk"]):
-            assert (await ask(redis, keys, f"a{i}", prompt)).cache == "miss"
+    await generate_three(old, redis, keys)
     new = openai_settings(tmp_path, redis_url, keys, server, embeddings_model="fake-bow-2")
     async with semantic_worker(new, redis, CountingGenerator(), "w2") as tier:
         assert len(tier.index) == 0  # another model's vectors are never compared
@@ -339,22 +345,16 @@ async def test_reindex_re_embeds_another_models_entries_for_running_workers(
                           PROMPTCACHE_EMBEDDINGS_MODEL="fake-bow-2",
                           PROMPTCACHE_EMBEDDINGS_API_KEY="sk-test",
                           PROMPTCACHE_DATA_DIR=str(tmp_path / "data"))
-        shown = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "consumers",
-                                                         "stats"],
-                                        env=env, capture_output=True, text=True, timeout=60)
+        shown = await asyncio.to_thread(promptcache, env, "stats")
         assert "3 embedded by another model: exact-only until `promptcache reindex`" in \
             shown.stdout, shown.stdout + shown.stderr
-        done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "consumers",
-                                                        "reindex"],
-                                       env=env, capture_output=True, text=True, timeout=120)
+        done = await asyncio.to_thread(promptcache, env, "reindex")
         assert done.returncode == 0, done.stderr
         assert "3 records (fake-bow: 3); 0 already fake-bow-2; 3 re-embedded" in done.stdout
         await wait_until(lambda: _true(len(tier.index) == 3), timeout=5)  # from the log
         hit = await ask(redis, keys, "b1", "a teapot shaped like a pumpkin, please")
         assert hit.cache == "semantic" and hit.matched_prompt == "a teapot shaped like a pumpkin"
-        again = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "consumers",
-                                                         "reindex"],
-                                        env=env, capture_output=True, text=True, timeout=120)
+        again = await asyncio.to_thread(promptcache, env, "reindex")
         assert again.returncode == 0 and "3 already fake-bow-2; 0 re-embedded" in again.stdout
 
 

@@ -16,20 +16,17 @@ the announcement are two steps.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
 from consumers.keys import Keys
-from consumers.semantic.embeddings import EmbeddingError, not_embeddable
+from consumers.semantic.store import decode_vector, encode_vector
 from consumers.semantic.tier import SemanticTier
-from consumers.semantic.verifier import request_core, verify
 
 log = structlog.get_logger(__name__)
 
@@ -60,20 +57,11 @@ class SimilarFlights:
         self.max_wait_s = max_wait_s
         self.poll_s = poll_s
 
-    async def _vector(self, canonical: str) -> np.ndarray | None:
-        core = request_core(canonical)
-        if not self.tier.ready or not_embeddable(core) is not None:
-            return None
-        try:
-            return await self.tier.embedder.embed_one(core)  # the lookup cached it
-        except EmbeddingError:
-            return None
-
     async def find(self, canonical: str, params_key: str, own_lock: str) -> Holder | None:
         """The most similar verified generation in flight in the same partition, if any.
         `own_lock`: ours. A holder that died leaves its announcement under its key's lock, which
         whoever generates that key next holds: waiting on it would be waiting on ourselves."""
-        vector = await self._vector(canonical)
+        vector = await self.tier.vector_for(canonical)  # the lookup cached it
         if vector is None:
             return None
         partition = self.tier.partition(params_key)
@@ -91,12 +79,10 @@ class SimilarFlights:
                     continue
                 if record.get("done") or record.get("partition") != partition:
                     continue  # finished (kept for its waiters), or another partition
-                theirs = np.frombuffer(base64.b64decode(record["vec"]), dtype="<f2")
-                similarity = float(theirs.astype(np.float32) @ vector)
+                similarity = float(decode_vector(record["vec"]) @ vector)
                 if similarity < self.tier.threshold or (best and similarity <= best.similarity):
                     continue
-                if record["prompt"] != canonical and self.tier.verifier and \
-                        not verify(record["prompt"], canonical).ok:
+                if self.tier.refusal(record["prompt"], canonical) is not None:
                     continue
                 best = Holder(raw_lock.decode(), record["prompt"], similarity)
             if stale:
@@ -108,11 +94,11 @@ class SimilarFlights:
 
     async def announce(self, lock: str, canonical: str, params_key: str) -> bool:
         """Before generating: this prompt is being made (for at most `max_wait_s`)."""
-        vector = await self._vector(canonical)
+        vector = await self.tier.vector_for(canonical)
         if vector is None:
             return False
         record = {"partition": self.tier.partition(params_key), "prompt": canonical,
-                  "vec": base64.b64encode(vector.astype("<f2").tobytes()).decode(),
+                  "vec": encode_vector(vector),
                   "until": time.time() + self.max_wait_s}
         try:
             await self._write(lock, json.dumps(record, ensure_ascii=False))

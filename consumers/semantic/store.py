@@ -42,6 +42,15 @@ return 1
 """
 
 
+def encode_vector(vector: np.ndarray) -> str:
+    """float16, base64: how vectors are kept in the cache store."""
+    return base64.b64encode(vector.astype("<f2").tobytes()).decode()
+
+
+def decode_vector(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<f2").astype(np.float32)
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     meta: Meta
@@ -52,13 +61,13 @@ class Record:
         return json.dumps({
             "key": self.meta.cache_key, "partition": self.meta.partition, "model": self.model,
             "dim": int(self.vector.shape[0]), "prompt": self.meta.prompt,
-            "vec": base64.b64encode(self.vector.astype("<f2").tobytes()).decode()},
+            "vec": encode_vector(self.vector)},
             ensure_ascii=False)
 
     @classmethod
     def from_json(cls, entry_id: str, raw: bytes | str) -> Record:
         data = json.loads(raw)
-        vector = np.frombuffer(base64.b64decode(data["vec"]), dtype="<f2").astype(np.float32)
+        vector = decode_vector(data["vec"])
         if vector.shape[0] != int(data["dim"]):
             raise ValueError("vector length does not match its dimension")
         return cls(Meta(entry_id, data["partition"], data["key"], data["prompt"]),

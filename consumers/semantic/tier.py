@@ -72,6 +72,19 @@ class SemanticTier:
             log.warning("embedding_failed", error=str(exc))
             return None
 
+    async def vector_for(self, canonical: str) -> np.ndarray | None:
+        """The embedding a lookup of `canonical` compares (cached), or None when it has none."""
+        core = request_core(canonical)
+        return None if not_embeddable(core) is not None else await self._vector(core)
+
+    def refusal(self, candidate: str, canonical: str) -> str | None:
+        """Why the picture cached for `candidate` must not answer `canonical`, or None when it
+        may (the candidate already passed the threshold)."""
+        if candidate == canonical or not self.verifier:
+            return None  # the same prompt: a different optimizer key only
+        verdict = verify(candidate, canonical)
+        return None if verdict.ok else verdict.reason or "other"
+
     async def find(self, canonical: str, params_key: str, *, count: bool = True) -> Search:
         """`count`: add refusals and skips to the counters (once per request, not on the
         generation stage's second look)."""
@@ -92,14 +105,9 @@ class SemanticTier:
         for neighbour in neighbours:
             if neighbour.similarity < self.threshold:
                 break
-            if neighbour.meta.prompt == canonical:
-                accepted.append(neighbour)  # the same prompt: a different optimizer key only
+            if (reason := self.refusal(neighbour.meta.prompt, canonical)) is not None:
+                refused[reason] += 1
                 continue
-            if self.verifier:
-                verdict = verify(neighbour.meta.prompt, canonical)
-                if not verdict.ok:
-                    refused[verdict.reason or "other"] += 1
-                    continue
             accepted.append(neighbour)
         if refused and count:
             for reason, n in refused.items():
