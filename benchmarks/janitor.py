@@ -27,14 +27,14 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from consumers import logs  # noqa: E402
-from consumers.cache.registry import EntryRegistry, Registered  # noqa: E402
-from consumers.embedded import EmbeddedPostgres, EmbeddedValkey  # noqa: E402
+from promptcache import logs  # noqa: E402
+from promptcache.cache.registry import EntryRegistry, Registered  # noqa: E402
+from ops.embedded_servers import EmbeddedPostgres, EmbeddedValkey  # noqa: E402
 from consumers.janitor import Janitor  # noqa: E402
-from consumers.keys import Keys  # noqa: E402
-from consumers.storage.blobs import BlobStore  # noqa: E402
-from consumers.storage.migrate import apply  # noqa: E402
-from consumers.storage.stats import LATENCY_BUCKETS_MS  # noqa: E402
+from promptcache.keys import Keys  # noqa: E402
+from promptcache.storage.blobs import BlobStore  # noqa: E402
+from promptcache.storage.migrate import apply  # noqa: E402
+from promptcache.latency import LATENCY_BUCKETS_MS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -106,7 +106,7 @@ async def janitor_pass(redis: aioredis.Redis, total: int) -> dict[str, object]:
 
 
 def stats_speed(database_url: str) -> dict[str, float]:
-    from consumers.admin import database_stats
+    from ops.status import database_stats
 
     hours = 30 * 24
     now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)

@@ -1,4 +1,4 @@
-"""How long `consumers.optimizer.optimize` takes per prompt, over every real prompt we have.
+"""How long `promptcache.optimizer.optimize` takes per prompt, over every real prompt we have.
 
     .venv/bin/python benchmarks/optimizer.py              # all prompts, 3 rounds (~10 s)
     .venv/bin/python benchmarks/optimizer.py --rounds 1   # quicker
@@ -39,7 +39,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from consumers.optimizer import (  # noqa: E402
+from promptcache.optimizer import (  # noqa: E402
     OPTIMIZER_VERSION,
     STYLES,
     WINDOW,
@@ -48,8 +48,8 @@ from consumers.optimizer import (  # noqa: E402
     count,
     optimize,
 )
-from consumers.optimizer.enhance import DEFAULT  # noqa: E402
-from consumers.prompts import canonical_prompt, clean_prompt  # noqa: E402
+from promptcache.optimizer.enhance import DEFAULT  # noqa: E402
+from promptcache.prompts import canonical_prompt, clean_prompt  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGET_P99_US = 500.0

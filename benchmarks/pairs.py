@@ -17,7 +17,7 @@ import random
 import re
 from pathlib import Path
 
-from consumers.prompts import canonical_prompt
+from promptcache.prompts import canonical_prompt
 
 DEV_FILES = ("positives", "negatives", "borderline")
 

@@ -38,14 +38,14 @@ import numpy as np  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 import structlog  # noqa: E402
 
-from consumers.config import Settings  # noqa: E402
-from consumers.embedded import EmbeddedValkey, free_port  # noqa: E402
-from consumers.errors import GeneratorUnavailable  # noqa: E402
-from consumers.generators import guarded  # noqa: E402
-from consumers.generators.base import GeneratedImage, GenerationRequest  # noqa: E402
-from consumers.generators.procedural import ProceduralGenerator  # noqa: E402
-from consumers.keys import Keys  # noqa: E402
-from consumers.runtime import build_worker, cache_client  # noqa: E402
+from promptcache.config import Settings  # noqa: E402
+from ops.embedded_servers import EmbeddedValkey, free_port  # noqa: E402
+from promptcache.errors import GeneratorUnavailable  # noqa: E402
+from promptcache.generators import guarded  # noqa: E402
+from promptcache.generators.base import GeneratedImage, GenerationRequest  # noqa: E402
+from promptcache.generators.procedural import ProceduralGenerator  # noqa: E402
+from promptcache.keys import Keys  # noqa: E402
+from consumers.wiring import build_worker, cache_client  # noqa: E402
 from schemas.events import Request, Result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

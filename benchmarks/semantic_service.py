@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/semantic_service.py --quick    # smoke run (about 3 minutes)
     .venv/bin/python benchmarks/semantic_service.py --help     # every option
 
-Starts an embedded Valkey and `--workers` (2) real worker processes (`python -m consumers
+Starts an embedded Valkey and `--workers` (2) real worker processes (`python -m ops
 worker`: procedural generator at --generator-latency-ms, PROMPTCACHE_EMBEDDINGS=local, the
 default threshold and verifier), waits until each has loaded its model, then:
 
@@ -67,13 +67,13 @@ import redis.asyncio as aioredis  # noqa: E402
 from benchmarks.pairs import load_dev, load_prompts, own_pairs, rewrite  # noqa: E402
 from benchmarks.spine import (  # noqa: E402  (the process helpers of the spine benchmark)
     Interrupted, Stopper, _sigterm, cleanup, git_state, machine, start_workers)
-from consumers.config import Settings  # noqa: E402
-from consumers.embedded import EmbeddedValkey  # noqa: E402
-from consumers.keys import REQUESTS_GROUP, Keys  # noqa: E402
-from consumers.optimizer import Refused, optimize  # noqa: E402
-from consumers.prompts import canonical_prompt  # noqa: E402
-from consumers.semantic.embeddings import not_embeddable  # noqa: E402
-from consumers.semantic.verifier import verify  # noqa: E402
+from promptcache.config import Settings  # noqa: E402
+from ops.embedded_servers import EmbeddedValkey  # noqa: E402
+from promptcache.keys import REQUESTS_GROUP, Keys  # noqa: E402
+from promptcache.optimizer import Refused, optimize  # noqa: E402
+from promptcache.prompts import canonical_prompt  # noqa: E402
+from promptcache.semantic.embeddings import not_embeddable  # noqa: E402
+from promptcache.semantic.verifier import verify  # noqa: E402
 from schemas.events import Request  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

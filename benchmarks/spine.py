@@ -49,11 +49,11 @@ import numpy as np  # noqa: E402
 import redis  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 
-from consumers.config import Settings  # noqa: E402
-from consumers.demo import load_prompts, retype  # noqa: E402
-from consumers.embedded import EmbeddedValkey  # noqa: E402
-from consumers.keys import REQUESTS_GROUP, Keys  # noqa: E402
-from consumers.prompts import canonical_prompt  # noqa: E402
+from promptcache.config import Settings  # noqa: E402
+from ops.demo import load_prompts, retype  # noqa: E402
+from ops.embedded_servers import EmbeddedValkey  # noqa: E402
+from promptcache.keys import REQUESTS_GROUP, Keys  # noqa: E402
+from promptcache.prompts import canonical_prompt  # noqa: E402
 from schemas.events import Request  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -680,7 +680,7 @@ def start_workers(n: int, env: dict[str, str], log_dir: Path
         log = log_dir / f"worker-{i + 1}.stderr"
         with log.open("wb") as fh:
             # own session: a Ctrl-C in the terminal reaches only us; we SIGTERM them ourselves
-            procs.append(subprocess.Popen([sys.executable, "-m", "consumers", "worker"], env=env,
+            procs.append(subprocess.Popen([sys.executable, "-m", "ops", "worker"], env=env,
                                           cwd=REPO, stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL, stderr=fh,
                                           start_new_session=True))

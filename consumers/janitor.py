@@ -24,11 +24,10 @@ import structlog
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from consumers.cache.registry import EntryRegistry
-from consumers.keys import JANITOR_GROUP, Keys
-from consumers.pipeline import evicted_event
-from consumers.storage.blobs import BlobStore
-from consumers.streams import GroupReader
+from promptcache.cache.registry import EntryRegistry, Eviction
+from promptcache.keys import JANITOR_GROUP, Keys
+from promptcache.storage.blobs import BlobStore
+from promptcache.streams import GroupReader
 from schemas.events import ChangeEvent
 
 log = structlog.get_logger(__name__)
@@ -178,8 +177,8 @@ class Janitor:
                     need=int(limit * (1 - LOW_WATERMARK)), reason="storage_limit"):
                 await self._announce(eviction, "storage_limit")
 
-    async def _announce(self, eviction: object, reason: str) -> None:
-        event = evicted_event(eviction, reason)  # type: ignore[arg-type]
+    async def _announce(self, eviction: Eviction, reason: str) -> None:
+        event = eviction.change_event(reason)
         await self.redis.xadd(self.keys.changes, {"data": event.model_dump_json(exclude_none=True)})
         self.evicted[reason] = self.evicted.get(reason, 0) + 1
 

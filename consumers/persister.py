@@ -17,9 +17,9 @@ from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from consumers.keys import PERSISTER_GROUP, Keys
-from consumers.storage.db import MetadataStore
-from consumers.streams import GroupReader
+from promptcache.keys import PERSISTER_GROUP, Keys
+from promptcache.storage.db import MetadataStore
+from promptcache.streams import GroupReader
 from schemas.events import ChangeEvent
 
 log = structlog.get_logger(__name__)

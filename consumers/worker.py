@@ -32,12 +32,12 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from structlog.contextvars import bound_contextvars
 
-from consumers import intake
-from consumers.errors import GenerationFailed, PipelineError, RequestRejected
-from consumers.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
-from consumers.pipeline import Outcome, Pipeline
-from consumers.storage.stats import bucket_of
-from consumers.streams import (
+from promptcache import intake
+from promptcache.errors import GenerationFailed, PipelineError, RequestRejected
+from promptcache.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
+from promptcache.pipeline import Outcome, Pipeline
+from promptcache.latency import bucket_of
+from promptcache.streams import (
     Delivery,
     GroupReader,
     Publisher,

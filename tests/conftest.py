@@ -15,10 +15,10 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
-from consumers.config import Settings
-from consumers.embedded import EmbeddedPostgres, EmbeddedValkey
-from consumers.keys import Keys
-from consumers.storage.migrate import apply
+from promptcache.config import Settings
+from ops.embedded_servers import EmbeddedPostgres, EmbeddedValkey
+from promptcache.keys import Keys
+from promptcache.storage.migrate import apply
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # Keys that are an account rather than a cache and so carry no TTL (the janitor owns them).
@@ -119,6 +119,6 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 
 
 def free_port_url() -> str:
     """A redis:// URL where nothing listens."""
-    from consumers.embedded import free_port
+    from ops.embedded_servers import free_port
 
     return f"redis://127.0.0.1:{free_port()}/0"

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import redis as syncredis
 import redis.asyncio as aioredis
 
-from consumers.config import Settings
-from consumers.errors import GenerationRejected
-from consumers.generators.base import GeneratedImage, GenerationRequest
-from consumers.generators.procedural import ProceduralGenerator
-from consumers.keys import Keys
-from consumers.runtime import build_worker
+from promptcache.config import Settings
+from promptcache.errors import GenerationRejected
+from promptcache.generators.base import GeneratedImage, GenerationRequest
+from promptcache.generators.procedural import ProceduralGenerator
+from promptcache.keys import Keys
+from consumers.wiring import build_worker
 from consumers.worker import Worker
 from schemas.events import Request, Result
 

@@ -15,18 +15,18 @@ import pytest
 from PIL import Image
 from scipy import stats as scipy_stats
 
-import consumers.ab
-from consumers import cli
-from consumers.ab.prompts import prompt_set, read_prompt_file
-from consumers.ab.report import as_json, render
-from consumers.ab.run import run_ab
-from consumers.ab.scores import BrisqueScorer, find_clip
-from consumers.ab.stats import paired_bootstrap, paired_interval, paired_t
-from consumers.errors import ConfigError, GenerationRejected
-from consumers.generators.base import GeneratedImage, GenerationRequest
-from consumers.generators.procedural import ProceduralGenerator
-from consumers.optimizer import PolicySettings
-from consumers.prompts import normalize_params
+import ops.ab
+from ops import cli
+from ops.ab.prompts import prompt_set, read_prompt_file
+from ops.ab.report import as_json, render
+from ops.ab.run import run_ab
+from ops.ab.scores import BrisqueScorer, find_clip
+from ops.ab.stats import paired_bootstrap, paired_interval, paired_t
+from promptcache.errors import ConfigError, GenerationRejected
+from promptcache.generators.base import GeneratedImage, GenerationRequest
+from promptcache.generators.procedural import ProceduralGenerator
+from promptcache.optimizer import PolicySettings
+from promptcache.prompts import normalize_params
 from schemas.events import Params
 
 # real prompts (PartiPrompts.tsv, imagereward_benchmark-prompts.json)
@@ -319,14 +319,14 @@ def test_cli_ab_bad_input(cli_env, tmp_path, capsys):
 
 
 def test_cli_ab_without_the_extra_says_how_to_install(cli_env, monkeypatch, capsys):
-    monkeypatch.setattr(consumers.ab, "missing_extra", lambda: ["brisque"])
+    monkeypatch.setattr(ops.ab, "missing_extra", lambda: ["brisque"])
     assert cli.main(["ab"]) == cli.RET_USAGE
     err = capsys.readouterr().err
     assert "pip install -e '.[ab]'" in err and "missing: brisque" in err
 
 
 def test_missing_extra_is_empty_when_installed():
-    assert consumers.ab.missing_extra() == []
+    assert ops.ab.missing_extra() == []
 
 
 # --- CLIP (a tiny random model made here: real loading code, nothing downloaded) ----------
@@ -393,7 +393,7 @@ async def test_clip_similarity_from_a_local_model(tiny_clip, brisque, monkeypatc
 
 
 def test_clip_absent_is_a_note_and_a_bad_path_an_error(monkeypatch, tmp_path):
-    monkeypatch.setattr("consumers.ab.scores.CLIP_CANDIDATES", ("promptcache-test/no-such-clip",))
+    monkeypatch.setattr("ops.ab.scores.CLIP_CANDIDATES", ("promptcache-test/no-such-clip",))
     monkeypatch.setattr(socket.socket, "connect", _no_network)
     clip, note = find_clip(None)
     assert clip is None and note is not None and "nothing is downloaded" in note

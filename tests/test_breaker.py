@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from consumers.config import Settings
-from consumers.errors import GenerationRejected, GeneratorTimeout, GeneratorUnavailable
-from consumers.generators import build_generator, guarded
-from consumers.generators.automatic1111 import Automatic1111Generator
-from consumers.generators.base import GenerationRequest
-from consumers.generators.breaker import CircuitBreaker, CircuitOpen, GuardedGenerator
+from promptcache.config import Settings
+from promptcache.errors import GenerationRejected, GeneratorTimeout, GeneratorUnavailable
+from promptcache.generators import build_generator, guarded
+from promptcache.generators.automatic1111 import Automatic1111Generator
+from promptcache.generators.base import GenerationRequest
+from promptcache.generators.breaker import CircuitBreaker, CircuitOpen, GuardedGenerator
 from tests.conftest import make_settings
 from tests.helpers import CountingGenerator, results, send, worker_for
 from tests.http_fakes import FakeServer, Recorded, Reply, png_b64

@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 import redis as syncredis
 
-from consumers.embedded import free_port
-from consumers.keys import Keys
+from ops.embedded_servers import free_port
+from promptcache.keys import Keys
 from schemas.events import Request, Result
 from tests.helpers import wait_for
 
@@ -162,7 +162,7 @@ def stack(redis_url: str, db: str, keys: Keys, tmp_path: Path):
                PROMPTCACHE_DATA_DIR=str(tmp_path / "data"), PROMPTCACHE_WEB_PORT=str(port),
                PROMPTCACHE_GENERATOR_LATENCY_MS="300", PROMPTCACHE_HEALTH_INTERVAL="1s",
                PROMPTCACHE_ADMIN_TOKEN=TOKEN, PROMPTCACHE_LOG_FORMAT="json")
-    up = subprocess.Popen([sys.executable, "-m", "consumers", "up", "--workers", "1"], env=env,
+    up = subprocess.Popen([sys.executable, "-m", "ops", "up", "--workers", "1"], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = []

@@ -24,9 +24,9 @@ import psycopg
 import pytest
 import redis as syncredis
 
-from consumers.embedded import EmbeddedPostgres
-from consumers.keys import GENERATE_GROUP, PERSISTER_GROUP, REQUESTS_GROUP, Keys
-from consumers.storage.migrate import apply
+from ops.embedded_servers import EmbeddedPostgres
+from promptcache.keys import GENERATE_GROUP, PERSISTER_GROUP, REQUESTS_GROUP, Keys
+from promptcache.storage.migrate import apply
 from schemas.events import Request, Result
 from tests.conftest import MIGRATIONS
 from tests.helpers import process_env
@@ -73,7 +73,7 @@ def _start(env: dict[str, str]) -> subprocess.Popen[bytes]:
     logs = Path(env["PROMPTCACHE_DATA_DIR"]).parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / f"worker-{time.monotonic_ns()}.log", "wb") as err:
-        return subprocess.Popen([sys.executable, "-m", "consumers", "worker"], env=env,
+        return subprocess.Popen([sys.executable, "-m", "ops", "worker"], env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
 
 

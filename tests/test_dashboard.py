@@ -18,11 +18,11 @@ import redis as syncredis
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from consumers.metrics import RedisCollector
+from ops.metrics import RedisCollector
 from consumers.persister import Persister
-from consumers.runtime import blob_store, registry
-from consumers.storage.db import MetadataStore
-from consumers.web import build_app
+from consumers.wiring import blob_store, registry
+from promptcache.storage.db import MetadataStore
+from ops.web import build_app
 from tests.helpers import CountingGenerator, send, worker_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,7 +184,7 @@ async def test_flag_and_served_from_the_cli(redis, redis_url, keys, settings, db
                PROMPTCACHE_DATA_DIR=str(settings.data_dir), PROMPTCACHE_LOG_FORMAT="json")
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "consumers", *args], env=env, text=True,
+        return subprocess.run([sys.executable, "-m", "ops", *args], env=env, text=True,
                               capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
 
     served = cli("served", entry_id)

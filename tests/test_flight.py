@@ -12,9 +12,9 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from consumers.cache.flight import Flight, Found, Lease
-from consumers.keys import Keys
-from consumers.runtime import cache_client
+from promptcache.flight.identical import Flight, Found, Lease
+from promptcache.keys import Keys
+from consumers.wiring import cache_client
 from tests.conftest import free_port_url, make_settings, wait_until
 from tests.helpers import CountingGenerator, results, results_for, running, send, worker_for
 
@@ -148,7 +148,7 @@ async def test_holder_killed_with_sigkill_is_taken_over_within_the_ttl(redis, ke
                PROMPTCACHE_DATA_DIR=str(tmp_path / "data"), PROMPTCACHE_FLIGHT_LOCK_TTL="2s",
                PROMPTCACHE_GENERATOR_LATENCY_MS="30000", PROMPTCACHE_CLAIM_IDLE="1s",
                PROMPTCACHE_BLOCK="100ms", PROMPTCACHE_LOG_LEVEL="WARNING")
-    holder = subprocess.Popen([sys.executable, "-m", "consumers", "worker"], env=env,
+    holder = subprocess.Popen([sys.executable, "-m", "ops", "worker"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         await send(redis, keys.requests, request_id="held", prompt="a kite over a dead worker")

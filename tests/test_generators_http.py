@@ -16,24 +16,24 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from consumers.config import Settings
-from consumers.errors import (
+from promptcache.config import Settings
+from promptcache.errors import (
     ConfigError,
     GenerationFailed,
     GenerationRejected,
     GeneratorTimeout,
     GeneratorUnavailable,
 )
-from consumers.generators.automatic1111 import Automatic1111Generator
-from consumers.generators.base import GenerationRequest, Generator
-from consumers.generators.http import (
+from promptcache.generators.automatic1111 import Automatic1111Generator
+from promptcache.generators.base import GenerationRequest, Generator
+from promptcache.generators.http import (
     RetryPolicy,
     image_from_base64,
     parse_retry_after,
     retry_after_from_headers,
 )
-from consumers.generators.openai_images import OpenAIImagesGenerator, nearest_size
-from consumers.generators.runpod import RunPodGenerator
+from promptcache.generators.openai_images import OpenAIImagesGenerator, nearest_size
+from promptcache.generators.runpod import RunPodGenerator
 from tests.http_fakes import FakeServer, Recorded, Reply, png_b64, png_bytes
 
 SECRET = "sk-test-SECRET-7f3a9c"

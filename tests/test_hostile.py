@@ -22,8 +22,8 @@ import redis as syncredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumers import intake
-from consumers.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
+from promptcache import intake
+from promptcache.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                PROMPTCACHE_BLOCK="100ms", PROMPTCACHE_LOG_LEVEL="ERROR",
                PROMPTCACHE_EMBEDDINGS="off")
     with open(tmp / "worker.log", "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "consumers", "worker"], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "ops", "worker"], env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     r = syncredis.Redis.from_url(redis_url)
     try:

@@ -7,7 +7,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumers import intake
+from promptcache import intake
 from schemas.events import Request
 
 json_values = st.recursive(

@@ -6,8 +6,8 @@ import asyncio
 from datetime import timedelta
 
 from consumers.janitor import Janitor, safe_trim_id
-from consumers.keys import REQUESTS_GROUP
-from consumers.streams import ensure_group
+from promptcache.keys import REQUESTS_GROUP
+from promptcache.streams import ensure_group
 from tests.helpers import CountingGenerator, send, worker_for
 
 
@@ -34,7 +34,7 @@ async def test_trimming_keeps_pending_and_undelivered_entries(redis, keys):
 
 
 async def test_change_events_are_kept_for_their_retention(redis, keys):
-    from consumers.keys import PERSISTER_GROUP
+    from promptcache.keys import PERSISTER_GROUP
 
     await ensure_group(redis, keys.changes, PERSISTER_GROUP)
     for _ in range(3):
@@ -82,7 +82,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 
-from consumers.runtime import blob_store, registry, streams_client  # noqa: E402
+from consumers.wiring import blob_store, registry, streams_client  # noqa: E402
 from tests.conftest import make_settings, wait_until  # noqa: E402
 from tests.helpers import results, running  # noqa: E402
 

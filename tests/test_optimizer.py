@@ -1,4 +1,4 @@
-"""The prompt optimizer (consumers.optimizer): standardise, enhance, validate, fit the window.
+"""The prompt optimizer (promptcache.optimizer): standardise, enhance, validate, fit the window.
 
 The table rows are real prompts, copied from ../shared/data/prompts (the file is named in the
 comment above each group). Token counts come from the real CLIP BPE (instant-clip-tokenizer).
@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumers import prompts
-from consumers.errors import RequestRejected
-from consumers.optimizer import (
+from promptcache import prompts
+from promptcache.errors import RequestRejected
+from promptcache.optimizer import (
     ALLOW_ALL,
     OPTIMIZER_VERSION,
     WINDOW,
@@ -30,12 +30,12 @@ from consumers.optimizer import (
     optimize,
     window_text,
 )
-from consumers.optimizer import _key_form
-from consumers.optimizer.enhance import detect_style, enhance
-from consumers.optimizer.policy import check
-from consumers.optimizer.standardise import PromptRejected, standardise
-from consumers.optimizer.tokens import encode, fit, split_tags
-from consumers.prompts import canonical_prompt, clean_prompt
+from promptcache.optimizer import _key_form
+from promptcache.optimizer.enhance import detect_style, enhance
+from promptcache.optimizer.policy import check
+from promptcache.optimizer.standardise import PromptRejected, standardise
+from promptcache.optimizer.tokens import encode, fit, split_tags
+from promptcache.prompts import canonical_prompt, clean_prompt
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "prompts"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import redis as syncredis
 
-from consumers.embedded import free_port
-from consumers.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
+from ops.embedded_servers import free_port
+from promptcache.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
 from schemas.events import Request
 from tests.helpers import process_env
 from tests.helpers import stream_results as _results
@@ -31,7 +31,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def _cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "consumers", *args], env=env, text=True,
+    return subprocess.run([sys.executable, "-m", "ops", *args], env=env, text=True,
                           capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -54,7 +54,7 @@ def test_sigterm_finishes_in_flight_generation_and_exits_cleanly(redis_url, keys
     env = _env(tmp_path, REDIS_URL=redis_url, PROMPTCACHE_PREFIX=keys.prefix,
                PROMPTCACHE_GENERATOR_LATENCY_MS="1500")
     r = syncredis.Redis.from_url(redis_url)
-    worker = subprocess.Popen([sys.executable, "-m", "consumers", "worker"], env=env,
+    worker = subprocess.Popen([sys.executable, "-m", "ops", "worker"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _send(r, keys, "term-1", "a lantern in the rain")
@@ -76,7 +76,7 @@ def test_sigkill_mid_generation_loses_nothing(redis_url, keys, tmp_path):
                PROMPTCACHE_GENERATOR_LATENCY_MS="3000", PROMPTCACHE_CLAIM_IDLE="1s",
                PROMPTCACHE_FLIGHT_LOCK_TTL="2s")  # the victim's single-flight locks expire
     r = syncredis.Redis.from_url(redis_url)
-    victim = subprocess.Popen([sys.executable, "-m", "consumers", "worker"], env=env,
+    victim = subprocess.Popen([sys.executable, "-m", "ops", "worker"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for i in range(3):
@@ -87,7 +87,7 @@ def test_sigkill_mid_generation_loses_nothing(redis_url, keys, tmp_path):
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
     env["PROMPTCACHE_GENERATOR_LATENCY_MS"] = "100"
-    rescuer = subprocess.Popen([sys.executable, "-m", "consumers", "worker"], env=env,
+    rescuer = subprocess.Popen([sys.executable, "-m", "ops", "worker"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait(lambda: len(_results(r, keys)) == 3, 30, "the rescuer to answer all three")
@@ -128,7 +128,7 @@ def test_up_serves_the_demo_submit_stats_and_purge_then_stops_cleanly(tmp_path):
     env = _env(tmp_path, PROMPTCACHE_WEB_PORT=str(port), PROMPTCACHE_GENERATOR_LATENCY_MS="200",
                PROMPTCACHE_EMBEDDED_REDIS_PORT="0",
                PROMPTCACHE_HEALTH_INTERVAL="1s")
-    up = subprocess.Popen([sys.executable, "-m", "consumers", "up", "--workers", "2", "--demo", "3"],
+    up = subprocess.Popen([sys.executable, "-m", "ops", "up", "--workers", "2", "--demo", "3"],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     try:
@@ -190,12 +190,12 @@ def test_up_serves_the_demo_submit_stats_and_purge_then_stops_cleanly(tmp_path):
 
 @pytest.mark.chaos
 def test_streams_redis_killed_and_restarted_with_aof_loses_nothing(tmp_path, keys):
-    from consumers.embedded import EmbeddedValkey
+    from ops.embedded_servers import EmbeddedValkey
 
     server = EmbeddedValkey(tmp_path / "valkey").start()
     env = _env(tmp_path, REDIS_URL=server.url, PROMPTCACHE_PREFIX=keys.prefix,
                PROMPTCACHE_GENERATOR_LATENCY_MS="300", PROMPTCACHE_CLAIM_IDLE="2s")
-    worker = subprocess.Popen([sys.executable, "-m", "consumers", "worker"], env=env,
+    worker = subprocess.Popen([sys.executable, "-m", "ops", "worker"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         r = syncredis.Redis.from_url(server.url)
@@ -228,8 +228,8 @@ def test_streams_redis_killed_and_restarted_with_aof_loses_nothing(tmp_path, key
 async def test_cache_store_down_then_back_bypasses_then_caches_again(redis_url, keys, tmp_path):
     """CACHE_REDIS_URL on its own server: while it is down every request is still answered
     (`bypass`); once it is back the cache is used again without a restart."""
-    from consumers.embedded import EmbeddedValkey
-    from consumers.runtime import cache_client, streams_client
+    from ops.embedded_servers import EmbeddedValkey
+    from consumers.wiring import cache_client, streams_client
     from tests.conftest import make_settings
     from tests.helpers import CountingGenerator, worker_for
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from consumers.prompts import cache_key, canonical_prompt, clean_prompt, normalize_params
+from promptcache.prompts import cache_key, canonical_prompt, clean_prompt, normalize_params
 from schemas.events import Params
 
 

@@ -15,17 +15,18 @@ import structlog
 from redis.exceptions import AuthenticationError, ResponseError
 from structlog.testing import capture_logs
 
-from consumers.config import Settings
-from consumers.embedded import EmbeddedValkey, valkey_binary
-from consumers.generators import guarded
-from consumers.generators.automatic1111 import Automatic1111Generator
-from consumers.runtime import cache_client, streams_client
+from promptcache.config import Settings
+from ops.embedded_servers import EmbeddedValkey, valkey_binary
+from promptcache.generators import guarded
+from promptcache.generators.automatic1111 import Automatic1111Generator
+from consumers.wiring import cache_client, streams_client
 from tests.conftest import make_settings
 from tests.helpers import CountingGenerator, results, send, worker_for
 from tests.http_fakes import FakeServer, Recorded, Reply
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = sorted([*ROOT.joinpath("consumers").rglob("*.py"), *ROOT.joinpath("schemas").rglob("*.py")])
+SOURCES = sorted(p for pkg in ("ops", "consumers", "promptcache", "schemas")
+                 for p in ROOT.joinpath(pkg).rglob("*.py"))
 SECRET = "pc-SECRET-key-4242"
 
 

@@ -20,20 +20,20 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from consumers.cache.registry import EntryRegistry
-from consumers.config import Settings
-from consumers.keys import Keys
-from consumers.errors import GenerationRejected
-from consumers.generators.base import GeneratedImage, GenerationRequest
-from consumers.generators.procedural import ProceduralGenerator
-from consumers.prompts import canonical_prompt
-from consumers.runtime import SemanticLoop, blob_store, build_semantic, build_worker
-from consumers.semantic.embeddings import (LOCAL_INT8_MODEL_NAME, LOCAL_MODEL_NAME,
+from promptcache.cache.registry import EntryRegistry
+from promptcache.config import Settings
+from promptcache.keys import Keys
+from promptcache.errors import GenerationRejected
+from promptcache.generators.base import GeneratedImage, GenerationRequest
+from promptcache.generators.procedural import ProceduralGenerator
+from promptcache.prompts import canonical_prompt
+from consumers.wiring import SemanticLoop, blob_store, build_semantic, build_worker
+from promptcache.semantic.embeddings import (LOCAL_INT8_MODEL_NAME, LOCAL_MODEL_NAME,
                                            CachedEmbedder, EmbeddingError, LocalEmbedder,
                                            OpenAIEmbedder, _Batcher, not_embeddable)
-from consumers.semantic.index import Meta, VectorIndex
-from consumers.semantic.inflight import SimilarFlights
-from consumers.semantic.tier import SemanticTier
+from promptcache.semantic.index import Meta, VectorIndex
+from promptcache.flight.similar import SimilarFlights
+from promptcache.semantic.tier import SemanticTier
 from schemas.events import Result
 from tests.conftest import make_settings, wait_until
 from tests.helpers import CountingGenerator, process_env, results_for, running, send
@@ -100,7 +100,7 @@ def scrape(redis_url: str, keys: Keys) -> str:
     import redis as sync_redis
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from consumers.metrics import RedisCollector
+    from ops.metrics import RedisCollector
 
     client = sync_redis.Redis.from_url(redis_url)
     try:
@@ -206,7 +206,7 @@ async def test_openai_embeddings_client_batches_and_checks_replies(server: FakeS
 
 
 async def test_an_empty_partition_costs_no_embedding(redis: aioredis.Redis, keys: Keys) -> None:
-    from consumers.semantic.store import SemanticStore
+    from promptcache.semantic.store import SemanticStore
 
     unreachable = OpenAIEmbedder(base_url="http://127.0.0.1:9/v1", model="m", dim=DIM)
     store = SemanticStore(redis, keys)
@@ -304,7 +304,7 @@ async def generate_three(settings: Settings, redis: aioredis.Redis, keys: Keys) 
 
 
 def promptcache(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "consumers", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "ops", *args], env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -621,7 +621,7 @@ async def test_embeddings_reach_postgresql_and_leave_with_their_entry(db: str) -
 
     import psycopg
 
-    from consumers.storage.db import MetadataStore
+    from promptcache.storage.db import MetadataStore
     from schemas.events import ChangeEvent
 
     vector = unit(7, dim=384)

@@ -10,12 +10,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from consumers.embedded import EmbeddedPostgres
-from consumers.keys import PERSISTER_GROUP
+from ops.embedded_servers import EmbeddedPostgres
+from promptcache.keys import PERSISTER_GROUP
 from consumers.persister import Persister
-from consumers.storage.blobs import BlobStore
-from consumers.storage.db import MetadataStore
-from consumers.storage.migrate import MigrationError, apply, discover
+from promptcache.storage.blobs import BlobStore
+from promptcache.storage.db import MetadataStore
+from promptcache.storage.migrate import MigrationError, apply, discover
 from tests.conftest import MIGRATIONS, wait_until
 from tests.helpers import CountingGenerator, results, send, worker_for
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from consumers.prompts import canonical_prompt
-from consumers.semantic import lexicon
-from consumers.semantic.verifier import Verdict, parse, verify
+from promptcache.prompts import canonical_prompt
+from promptcache.semantic import lexicon
+from promptcache.semantic.verifier import Verdict, parse, verify
 
 
 def check(a: str, b: str) -> tuple[Verdict, Verdict]:

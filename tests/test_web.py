@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from consumers.keys import Keys
-from consumers.storage.blobs import BlobStore
-from consumers.thumbnails import make_thumbnail
-from consumers.web import build_app
+from promptcache.keys import Keys
+from promptcache.storage.blobs import BlobStore
+from promptcache.thumbnails import make_thumbnail
+from ops.web import build_app
 
 
 @pytest.fixture
@@ -59,8 +59,8 @@ async def test_metrics_report_results_latency_storage_and_streams(redis, redis_u
     import redis as syncredis
     from prometheus_client import CollectorRegistry
 
-    from consumers.metrics import RedisCollector
-    from consumers.runtime import blob_store
+    from ops.metrics import RedisCollector
+    from consumers.wiring import blob_store
     from tests.helpers import CountingGenerator, send, worker_for
 
     await send(redis, keys.requests, request_id="m1", prompt="a metric of foxes")

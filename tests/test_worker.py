@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from consumers.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
-from consumers.streams import ensure_group
+from promptcache.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
+from promptcache.streams import ensure_group
 from tests.conftest import make_settings, wait_until
 from tests.helpers import (
     REFUSED,
@@ -268,7 +268,7 @@ async def test_cache_options_bypass_and_refresh(redis, keys, settings):
 
 
 async def test_cache_store_down_means_bypass_not_failure(redis, keys, settings):
-    from consumers.runtime import cache_client
+    from consumers.wiring import cache_client
     from tests.conftest import free_port_url
 
     dead_cache = cache_client(free_port_url(), settings)

@@ -1,0 +1,259 @@
+"""Building the parts from Settings, and running one process until a signal stops it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+
+import redis.asyncio as aioredis
+import structlog
+
+from promptcache.cache.exact import ExactCache
+from promptcache.flight.identical import Flight
+from promptcache.cache.registry import EntryRegistry
+from promptcache.config import Settings
+from promptcache.errors import ConfigError
+from promptcache.generators import Generator, build_generator
+from consumers.janitor import Janitor
+from promptcache.optimizer import PolicySettings
+from promptcache.keys import Keys
+from consumers.persister import Persister
+from promptcache.pipeline import Pipeline
+from promptcache.semantic.embeddings import CachedEmbedder, build_embedder
+from promptcache.semantic.index import VectorIndex
+from promptcache.flight.similar import SimilarFlights
+from promptcache.semantic.store import IndexFollower, SemanticStore
+from promptcache.semantic.tier import SemanticTier
+from promptcache.storage.blobs import BlobStore
+from promptcache.storage.db import MetadataStore
+from consumers.worker import Worker, consumer_name
+
+log = structlog.get_logger(__name__)
+
+
+def require_redis_url(settings: Settings) -> str:
+    if not settings.redis_url:
+        raise ConfigError("REDIS_URL is not set (or run `promptcache up`, which starts an "
+                          "embedded server when it is unset)")
+    return settings.redis_url
+
+
+def streams_client(url: str, max_connections: int = 64) -> aioredis.Redis:
+    """The streams Redis. A blocking pool: under a burst, requests wait for a connection
+    instead of failing with "Too many connections" (each publish holds one for its WATCH).
+    BLOCK (<= 2 s) stays well under the 5 s socket timeout."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=30, socket_timeout=5,
+        socket_connect_timeout=3, health_check_interval=15)
+    return aioredis.Redis(connection_pool=pool)
+
+
+def cache_client(url: str, settings: Settings) -> aioredis.Redis:
+    """The cache store fails fast: a slow or absent server means bypass, not a stalled worker."""
+    timeout = max(settings.cache_timeout.total_seconds(), 0.005)
+    # a blocking pool: a burst waits (at most the timeout) for a connection instead of failing
+    # with "Too many connections" and bypassing the cache
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=64, timeout=max(timeout, 1.0), socket_timeout=timeout,
+        socket_connect_timeout=timeout, retry_on_timeout=False)
+    return aioredis.Redis(connection_pool=pool)
+
+
+def blob_store(settings: Settings) -> BlobStore:
+    return BlobStore(settings.images_dir, settings.thumbnails_dir)
+
+
+def registry(cache_redis: aioredis.Redis, keys: Keys, blobs: BlobStore,
+             settings: Settings) -> EntryRegistry:
+    return EntryRegistry(cache_redis, keys, blobs, limit_bytes=int(settings.storage_limit))
+
+
+def build_semantic(settings: Settings, cache_redis: aioredis.Redis | None) -> SemanticTier | None:
+    """The semantic tier, or None (PROMPTCACHE_EMBEDDINGS=off, or no cache store)."""
+    if settings.embeddings == "off" or cache_redis is None:
+        return None
+    keys = Keys(settings.prefix)
+    api_key = settings.embeddings_api_key.get_secret_value() if settings.embeddings_api_key \
+        else None
+    inner = build_embedder(settings.embeddings, base_url=settings.embeddings_url,
+                           model=settings.embeddings_model, api_key=api_key,
+                           dim=settings.embeddings_dim, threads=settings.embedding_threads,
+                           runtime=settings.embedding_runtime,
+                           cache_dir=settings.data_dir / "models")
+    assert inner is not None
+    store = SemanticStore(cache_redis, keys)
+    return SemanticTier(embedder=CachedEmbedder(inner, shared=store),
+                        index=VectorIndex(inner.model, inner.dim), store=store,
+                        threshold=settings.semantic_threshold, top_k=settings.semantic_top_k,
+                        verifier=settings.semantic_verifier)
+
+
+class SemanticLoop:
+    """A worker process's semantic upkeep: load the model (exact-only until then), then keep
+    the in-memory index equal to the shared one."""
+
+    def __init__(self, tier: SemanticTier, follow_redis: aioredis.Redis, settings: Settings,
+                 consumer: str) -> None:
+        self.tier = tier
+        self.follower = IndexFollower(follow_redis, Keys(settings.prefix), tier.index,
+                                      consumer=consumer,
+                                      max_entries=settings.semantic_max_entries)
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.follower.stop()
+
+    async def run(self, burst: bool = False) -> None:
+        delay = 1.0
+        while not self._stopping.is_set():
+            try:
+                await self.tier.warm()
+                break
+            except Exception as exc:  # noqa: BLE001 - exact-only until the embedder works
+                log.warning("semantic_tier_unavailable", error=str(exc), retry_in=delay)
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, 60.0)
+        if not self._stopping.is_set():
+            await self.follower.run(burst=burst)
+        await self.tier.embedder.aclose()
+
+
+def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aioredis.Redis | None,
+                 generator: Generator, consumer: str | None = None,
+                 semantic: SemanticTier | None = None) -> Worker:
+    keys = Keys(settings.prefix)
+    blobs = blob_store(settings)
+    pipeline = Pipeline(generator=generator,
+                        exact=ExactCache(cache_redis, keys, settings.ttl) if cache_redis else None,
+                        blobs=blobs, public_url=settings.effective_public_url,
+                        thumbnail_size=settings.thumbnail_size,
+                        registry=registry(cache_redis, keys, blobs, settings) if cache_redis
+                        else None,
+                        policy=PolicySettings(explicit=settings.policy_explicit,
+                                              gore=settings.policy_gore,
+                                              hate=settings.policy_hate,
+                                              real_person=settings.policy_real_person),
+                        flight=Flight(cache_redis, keys, ttl=settings.flight_lock_ttl)
+                        if cache_redis else None, semantic=semantic,
+                        similar_flights=SimilarFlights(
+                            cache_redis, keys, semantic,
+                            max_wait_s=settings.generator_timeout.total_seconds())
+                        if cache_redis and semantic else None)
+    return Worker(redis=redis, keys=keys, pipeline=pipeline, consumer=consumer,
+                  batch_size=settings.batch_size, max_in_flight=settings.max_in_flight,
+                  generation_concurrency=settings.generation_concurrency,
+                  claim_idle=settings.claim_idle, block=settings.block,
+                  max_deliveries=settings.max_deliveries, done_ttl=settings.done_ttl,
+                  health_interval=settings.health_interval)
+
+
+async def run_worker(settings: Settings, *, burst: bool = False,
+                     consumer: str | None = None) -> Worker:
+    """Worker (+ persister when DATABASE_URL is set) until SIGTERM/SIGINT or, in burst, idle."""
+    keys = Keys(settings.prefix)
+    consumer = consumer or consumer_name()
+    async with AsyncExitStack() as stack:
+        redis = streams_client(require_redis_url(settings))
+        stack.push_async_callback(redis.aclose)
+        cache_url = settings.effective_cache_redis_url
+        cache_redis = redis if cache_url == settings.redis_url else cache_client(cache_url or "",
+                                                                                  settings)
+        if cache_redis is not redis:
+            stack.push_async_callback(cache_redis.aclose)
+        generator = build_generator(settings)
+        stack.push_async_callback(generator.aclose)
+        semantic = build_semantic(settings, cache_redis)
+        worker = build_worker(settings, redis=redis, cache_redis=cache_redis,
+                              generator=generator, consumer=consumer, semantic=semantic)
+        loops: list[tuple[Callable[[], None], Callable[..., Awaitable[None]]]] = [
+            (worker.stop, worker.run)]
+        if semantic is not None:
+            # the follower blocks on the log: not the 50 ms fail-fast client
+            follow_redis = redis if cache_redis is redis else streams_client(cache_url or "", 4)
+            if follow_redis is not redis:
+                stack.push_async_callback(follow_redis.aclose)
+            semantic_loop = SemanticLoop(semantic, follow_redis, settings, worker.consumer)
+            loops.append((semantic_loop.stop, semantic_loop.run))
+        if settings.database_url:
+            store = MetadataStore(settings.database_url)
+            stack.push_async_callback(store.aclose)
+            persister = Persister(redis=redis, keys=keys, store=store, consumer=consumer,
+                                  claim_idle=settings.claim_idle, block=settings.block)
+            loops.append((persister.stop, persister.run))
+        else:
+            log.warning("no_database_url", detail="metadata is not persisted to PostgreSQL")
+        await run_until_signal(loops, burst=burst)
+        return worker
+    raise AssertionError("unreachable")
+
+
+async def run_janitor(settings: Settings, *, burst: bool = False) -> Janitor:
+    keys = Keys(settings.prefix)
+    async with AsyncExitStack() as stack:
+        redis = streams_client(require_redis_url(settings))
+        stack.push_async_callback(redis.aclose)
+        cache_url = settings.effective_cache_redis_url
+        cache_redis = redis if cache_url == settings.redis_url else streams_client(cache_url or "")
+        if cache_redis is not redis:
+            stack.push_async_callback(cache_redis.aclose)
+        blobs = blob_store(settings)
+        janitor = Janitor(redis=redis, keys=keys, consumer=consumer_name(),
+                          registry=registry(cache_redis, keys, blobs, settings), blobs=blobs,
+                          ttl=settings.ttl, interval=settings.janitor_interval,
+                          lock_ttl=settings.janitor_lock_ttl,
+                          results_retention=settings.results_retention,
+                          changes_retention=settings.changes_retention,
+                          consumer_idle=settings.consumer_idle,
+                          orphan_grace=settings.orphan_grace,
+                          orphan_interval=settings.orphan_interval, block=settings.block)
+        await run_until_signal([(janitor.stop, janitor.run)], burst=burst)
+        return janitor
+    raise AssertionError("unreachable")
+
+
+def _dump_tasks() -> None:
+    for task in asyncio.all_tasks():
+        print(f"--- {task.get_name()}: {task.get_coro()!r}", file=sys.stderr)
+        task.print_stack(limit=12, file=sys.stderr)
+    sys.stderr.flush()
+
+
+async def run_until_signal(loops: list[tuple[Callable[[], None], Callable[..., Awaitable[None]]]],
+                           *, burst: bool = False) -> None:
+    """Run loops together; SIGTERM/SIGINT calls every stop(); the first to fail stops the rest."""
+    loop = asyncio.get_running_loop()
+
+    def stop_all() -> None:
+        log.info("stop_requested")
+        for stop, _ in loops:
+            stop()
+
+    installed = []
+    try:  # `kill -USR2 <pid>`: every asyncio task's stack to stderr (what a stuck process awaits)
+        loop.add_signal_handler(signal.SIGUSR2, _dump_tasks)
+        installed.append(signal.SIGUSR2)
+    except (NotImplementedError, RuntimeError):
+        pass
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop_all)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            pass
+    tasks = [asyncio.create_task(run(burst=burst)) for _, run in loops]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                stop_all()
+        await asyncio.gather(*tasks)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,113 @@
+"""Prometheus metrics for `promptcache web`, read from Redis at scrape time.
+
+Workers increment counters and latency buckets in the same MULTI/EXEC that publishes each
+result, so the figures are exact across every worker process and survive restarts; the web
+process turns them into the exposition format, with gauges read live (stream lag and pending
+per group, bytes and entries in the cache, the storage limit).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import redis
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from promptcache.keys import Keys
+from promptcache.latency import LATENCY_BUCKETS_MS
+
+TIERS_AND_STATUSES = ("exact", "semantic", "coalesced", "miss", "bypass", "rejected", "failed")
+
+
+class RedisCollector(Collector):
+    """A collector over a *sync* Redis client (prometheus-client collects synchronously;
+    the web server runs it in a thread)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, storage_limit: int,
+                 cache: redis.Redis | None = None) -> None:
+        self.client = client  # the streams Redis: counters, histograms, stream groups
+        self.cache = cache or client  # the cache store: bytes and entries
+        self.keys = keys
+        self.storage_limit = storage_limit
+
+    def collect(self) -> Iterator[Metric]:
+        results = CounterMetricFamily("promptcache_results", "Results published, by cache tier "
+                                      "and status", labels=["cache", "status"])
+        for raw, value in self.client.hgetall(self.keys.metrics_results).items():
+            tier, _, status = raw.decode().partition("|")
+            results.add_metric([tier, status], float(value))
+        yield results
+
+        latency = HistogramMetricFamily(
+            "promptcache_request_latency_seconds", "Request entry to result published, by tier "
+            "(generation included for miss)", labels=["cache"])
+        for tier in TIERS_AND_STATUSES:
+            raw = {k.decode(): float(v) for k, v in
+                   self.client.hgetall(self.keys.metrics_latency(tier)).items()}
+            if not raw:
+                continue
+            running, buckets = 0.0, []
+            for i, bound in enumerate((*LATENCY_BUCKETS_MS, float("inf"))):
+                running += raw.get(str(i), 0.0)
+                buckets.append(("+Inf" if bound == float("inf") else str(bound / 1000), running))
+            latency.add_metric([tier], buckets, sum_value=raw.get("sum", 0.0) / 1000)
+        yield latency
+
+        stored = GaugeMetricFamily("promptcache_stored_bytes", "Bytes of images and thumbnails")
+        stored.add_metric([], float(self.cache.get(self.keys.stored_bytes) or 0))
+        yield stored
+        limit = GaugeMetricFamily("promptcache_storage_limit_bytes", "The storage cap")
+        limit.add_metric([], float(self.storage_limit))
+        yield limit
+        entries = GaugeMetricFamily("promptcache_entries", "Cache entries")
+        entries.add_metric([], float(self.cache.zcard(self.keys.lru)))
+        yield entries
+
+        yield from self._semantic()
+
+        lag = GaugeMetricFamily("promptcache_stream_lag", "Entries not yet delivered to the "
+                                "group", labels=["stream", "group"])
+        pending = GaugeMetricFamily("promptcache_stream_pending", "Entries delivered and not "
+                                    "acknowledged", labels=["stream", "group"])
+        for stream in (self.keys.requests, self.keys.generate, self.keys.changes):
+            try:
+                groups = self.client.xinfo_groups(stream)
+            except redis.ResponseError:
+                continue
+            for group in groups:
+                name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
+                lag.add_metric([stream, name], float(group.get("lag") or 0))
+                pending.add_metric([stream, name], float(group["pending"]))
+        yield lag
+        yield pending
+
+    def _semantic(self) -> Iterator[Metric]:
+        decisions = CounterMetricFamily(
+            "promptcache_semantic_decisions", "Semantic-tier candidates refused by the verifier "
+            "and lookups kept exact-only, by reason", labels=["outcome", "reason"])
+        for raw, value in self.cache.hgetall(self.keys.metrics_semantic).items():
+            outcome, _, reason = raw.decode().partition(":")
+            decisions.add_metric([outcome, reason], float(value))
+        yield decisions
+        entries = GaugeMetricFamily("promptcache_semantic_index_entries", "Vectors in a worker's "
+                                    "in-memory index", labels=["consumer"])
+        memory = GaugeMetricFamily("promptcache_semantic_index_bytes", "Memory of a worker's "
+                                   "in-memory index", labels=["consumer"])
+        prefix = self.keys.semantic_index_stats("")
+        for key in self.cache.scan_iter(match=f"{prefix}*", count=1000):
+            raw = self.cache.get(key)
+            if raw is None:
+                continue
+            stats = json.loads(raw)
+            consumer = key.decode()[len(prefix):]
+            entries.add_metric([consumer], float(stats.get("entries", 0)))
+            memory.add_metric([consumer], float(stats.get("memory_bytes", 0)))
+        yield entries
+        yield memory

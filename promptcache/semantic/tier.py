@@ -1,0 +1,139 @@
+"""The semantic tier: nearest cached prompts in the same params partition, then the verifier.
+
+`find` embeds the canonical user prompt (before enhancers, without request phrasing such as
+"please draw"), takes the `top_k` nearest entries
+of its partition at cosine >= `threshold`, and returns those the verifier accepts, most similar
+first. A candidate the verifier refuses is counted by reason (`refused:<reason>`); a prompt whose
+embedding means nothing (one word, another script, past the model's window) is counted as
+`skipped:<reason>` and looked up exactly only. Any embedding or store failure degrades to
+exact-only too: the semantic tier can cost a hit, never an answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import structlog
+from redis.exceptions import RedisError
+
+from promptcache.semantic.embeddings import CachedEmbedder, EmbeddingError, not_embeddable
+from promptcache.semantic.index import Meta, Neighbour, VectorIndex
+from promptcache.semantic.store import Record, SemanticStore
+from promptcache.semantic.verifier import request_core, verify
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Search:
+    accepted: list[Neighbour] = field(default_factory=list)
+    refused: Counter[str] = field(default_factory=Counter)
+    skipped: str | None = None
+
+
+class SemanticTier:
+    def __init__(self, *, embedder: CachedEmbedder, index: VectorIndex, store: SemanticStore,
+                 threshold: float = 0.75, top_k: int = 5, verifier: bool = True) -> None:
+        self.embedder = embedder
+        self.index = index
+        self.store = store
+        self.threshold = threshold
+        self.top_k = top_k
+        self.verifier = verifier
+        self.ready = False
+
+    async def warm(self) -> None:
+        """Load the model (or learn the remote model's dimension); exact-only until done."""
+        started = time.monotonic()
+        await self.embedder.load()
+        await self.embedder.embed_one("a warm up prompt")
+        if self.index.dim != self.embedder.dim:
+            if len(self.index):
+                raise RuntimeError(f"embedding dimension changed from {self.index.dim} to "
+                                   f"{self.embedder.dim}")
+            self.index.dim = self.embedder.dim
+        self.ready = True
+        log.info("semantic_tier_ready", model=self.embedder.model, dim=self.embedder.dim,
+                 seconds=round(time.monotonic() - started, 2))
+
+    def partition(self, params_key: str) -> str:
+        """Vectors of different models (or dimensions) never meet: they live apart."""
+        return f"{self.embedder.model}:{self.embedder.dim}:{params_key}"
+
+    async def _vector(self, canonical: str) -> np.ndarray | None:
+        if not self.ready:
+            return None  # the model is still loading: exact-only until it is
+        try:
+            return await self.embedder.embed_one(canonical)
+        except EmbeddingError as exc:
+            log.warning("embedding_failed", error=str(exc))
+            return None
+
+    async def vector_for(self, canonical: str) -> np.ndarray | None:
+        """The embedding a lookup of `canonical` compares (cached), or None when it has none."""
+        core = request_core(canonical)
+        return None if not_embeddable(core) is not None else await self._vector(core)
+
+    def refusal(self, candidate: str, canonical: str) -> str | None:
+        """Why the picture cached for `candidate` must not answer `canonical`, or None when it
+        may (the candidate already passed the threshold)."""
+        if candidate == canonical or not self.verifier:
+            return None  # the same prompt: a different optimizer key only
+        verdict = verify(candidate, canonical)
+        return None if verdict.ok else verdict.reason or "other"
+
+    async def find(self, canonical: str, params_key: str, *, count: bool = True) -> Search:
+        """`count`: add refusals and skips to the counters (once per request, not on the
+        generation stage's second look)."""
+        core = request_core(canonical)
+        if (why := not_embeddable(core)) is not None:
+            if count:
+                await self.store.count(f"skipped:{why}")
+            return Search(skipped=why)
+        partition = self.partition(params_key)
+        if self.ready and not self.index.size(partition):
+            return Search(skipped="empty_partition")  # nothing to compare: no model run
+        vector = await self._vector(core)
+        if vector is None:
+            return Search(skipped="unavailable")
+        neighbours = self.index.search(partition, vector, self.top_k)
+        accepted: list[Neighbour] = []
+        refused: Counter[str] = Counter()
+        for neighbour in neighbours:
+            if neighbour.similarity < self.threshold:
+                break
+            if (reason := self.refusal(neighbour.meta.prompt, canonical)) is not None:
+                refused[reason] += 1
+                continue
+            accepted.append(neighbour)
+        if refused and count:
+            for reason, n in refused.items():
+                await self.store.count(f"refused:{reason}", n)
+            log.debug("semantic_candidates_refused", reasons=dict(refused))
+        return Search(accepted, refused)
+
+    async def add(self, *, entry_id: str, cache_key: str, params_key: str,
+                  canonical: str) -> np.ndarray | None:
+        """Index a new entry for every worker. Returns its vector (for the durable copy), or
+        None when the prompt is not embeddable or the store could not take it."""
+        core = request_core(canonical)
+        if not_embeddable(core) is not None:
+            return None
+        try:  # not `_vector`: an entry made while the model loads waits for it (once)
+            vector = await self.embedder.embed_one(core, urgent=False)  # lookups first
+        except Exception as exc:  # noqa: BLE001 - the entry stays exact-only
+            log.warning("embedding_failed", error=str(exc))
+            return None
+        record = Record(Meta(entry_id, self.partition(params_key), cache_key, canonical),
+                        self.embedder.model, vector)
+        try:
+            if not await self.store.add(record):
+                return None  # evicted already
+        except (RedisError, OSError) as exc:
+            log.warning("semantic_add_failed", error=str(exc))
+            return None
+        self.index.add(record.meta, vector)  # here at once; the log brings it to the others
+        return vector

@@ -1,0 +1,149 @@
+"""Hourly statistics: rolled up from change events by the persister, read by `promptcache stats`.
+
+Latency percentiles come from fixed histogram buckets summed over the hours asked for, so a month
+of rollups (720 hours x a handful of tier/status rows) is read and merged in milliseconds.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from promptcache.latency import LATENCY_BUCKETS_MS, bucket_of
+from schemas.events import ChangeEvent
+
+HIT_TIERS = ("exact", "semantic", "coalesced")
+
+
+def hour_of(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, tz=UTC).replace(minute=0, second=0, microsecond=0)
+
+
+@dataclass
+class ResultRow:
+    requests: int = 0
+    latency_ms_sum: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    generator_calls: int = 0
+    generator_seconds: float = 0.0
+    generator_seconds_avoided: float = 0.0
+    bytes_stored: int = 0
+
+
+def rollup(events: Sequence[ChangeEvent]) -> tuple[dict[tuple[datetime, str, str], ResultRow],
+                                                   dict[tuple[datetime, str], list[int]]]:
+    """Aggregate one batch: result rows by (hour, tier, status), evictions by (hour, reason)."""
+    results: dict[tuple[datetime, str, str], ResultRow] = defaultdict(ResultRow)
+    evictions: dict[tuple[datetime, str], list[int]] = defaultdict(lambda: [0, 0])
+    saved: dict[str, float] = {}  # request_id -> generation seconds its hit saved
+    made: dict[str, tuple[float, int]] = {}  # request_id -> (generation seconds, bytes stored)
+    for e in events:
+        if e.type == "entry_hit" and e.request_id:
+            saved[e.request_id] = (e.generation_ms or 0.0) / 1000
+        elif e.type == "entry_stored" and e.request_id:
+            made[e.request_id] = ((e.generation_ms or 0.0) / 1000,
+                                  (e.image_bytes or 0) + (e.thumbnail_bytes or 0))
+    for e in events:
+        if e.type == "request_answered":
+            row = results[(hour_of(e.at), e.tier or "", e.status or "")]
+            row.requests += 1
+            latency = e.latency_ms or 0.0
+            row.latency_ms_sum += latency
+            row.buckets[bucket_of(latency)] += 1
+            if e.request_id in made:
+                seconds, size = made[e.request_id]
+                row.generator_calls += 1
+                row.generator_seconds += seconds
+                row.bytes_stored += size
+            row.generator_seconds_avoided += saved.get(e.request_id or "", 0.0)
+        elif e.type == "entry_evicted":
+            counts = evictions[(hour_of(e.at), e.reason or "unknown")]
+            counts[0] += 1
+            counts[1] += (e.image_bytes or 0)
+    return results, evictions
+
+
+UPSERT_RESULTS = """
+INSERT INTO stats_hourly AS s (hour, tier, status, requests, latency_ms_sum, latency_buckets,
+    generator_calls, generator_seconds, generator_seconds_avoided, bytes_stored)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (hour, tier, status) DO UPDATE SET
+    requests = s.requests + EXCLUDED.requests,
+    latency_ms_sum = s.latency_ms_sum + EXCLUDED.latency_ms_sum,
+    latency_buckets = (SELECT array_agg(a + b ORDER BY i) FROM unnest(s.latency_buckets,
+                       EXCLUDED.latency_buckets) WITH ORDINALITY AS t(a, b, i)),
+    generator_calls = s.generator_calls + EXCLUDED.generator_calls,
+    generator_seconds = s.generator_seconds + EXCLUDED.generator_seconds,
+    generator_seconds_avoided = s.generator_seconds_avoided + EXCLUDED.generator_seconds_avoided,
+    bytes_stored = s.bytes_stored + EXCLUDED.bytes_stored
+"""
+UPSERT_EVICTIONS = """
+INSERT INTO evictions_hourly AS e (hour, reason, evictions, bytes_freed) VALUES (%s, %s, %s, %s)
+ON CONFLICT (hour, reason) DO UPDATE SET evictions = e.evictions + EXCLUDED.evictions,
+    bytes_freed = e.bytes_freed + EXCLUDED.bytes_freed
+"""
+
+
+def result_params(rows: dict[tuple[datetime, str, str], ResultRow]) -> list[tuple[Any, ...]]:
+    return [(hour, tier, status, r.requests, r.latency_ms_sum, r.buckets, r.generator_calls,
+             r.generator_seconds, r.generator_seconds_avoided, r.bytes_stored)
+            for (hour, tier, status), r in rows.items()]
+
+
+def eviction_params(rows: dict[tuple[datetime, str], list[int]]) -> list[tuple[Any, ...]]:
+    return [(hour, reason, n, freed) for (hour, reason), (n, freed) in rows.items()]
+
+
+def percentile(buckets: Sequence[int], q: float) -> float | None:
+    """The q-quantile from histogram counts, interpolated inside its bucket."""
+    total = sum(buckets)
+    if not total:
+        return None
+    rank, seen = q * total, 0
+    for i, count in enumerate(buckets):
+        if count and seen + count >= rank:
+            low = LATENCY_BUCKETS_MS[i - 1] if i > 0 else 0.0
+            high = LATENCY_BUCKETS_MS[i] if i < len(LATENCY_BUCKETS_MS) else low * 2
+            return round(low + (high - low) * (rank - seen) / count, 1)
+        seen += count
+    return None
+
+
+def summarise(rows: Sequence[dict[str, Any]], evictions: Sequence[dict[str, Any]],
+              since: timedelta) -> dict[str, Any]:
+    """Merge hourly rows into the figures `promptcache stats` shows."""
+    by_tier: dict[str, dict[str, Any]] = {}
+    hourly: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    totals = defaultdict(float)
+    for r in rows:
+        label = r["tier"] if r["status"] == "ok" else r["status"]
+        entry = by_tier.setdefault(label, {"requests": 0, "buckets": [0] * len(r["latency_buckets"])})
+        entry["requests"] += r["requests"]
+        entry["buckets"] = [a + b for a, b in zip(entry["buckets"], r["latency_buckets"], strict=True)]
+        hourly[r["hour"].isoformat()][label] += r["requests"]
+        for column in ("requests", "generator_calls", "generator_seconds",
+                       "generator_seconds_avoided", "bytes_stored"):
+            totals[column] += r[column]
+    hits = sum(v["requests"] for k, v in by_tier.items() if k in HIT_TIERS)
+    ok = sum(v["requests"] for k, v in by_tier.items()
+             if k in (*HIT_TIERS, "miss", "bypass"))
+    return {
+        "since_hours": since.total_seconds() / 3600,
+        "requests": int(totals["requests"]),
+        "hit_rate": round(hits / ok, 4) if ok else None,
+        "generator_calls": int(totals["generator_calls"]),
+        "generator_calls_avoided": hits,
+        "generator_seconds": round(totals["generator_seconds"], 1),
+        "generator_seconds_avoided": round(totals["generator_seconds_avoided"], 1),
+        "bytes_stored": int(totals["bytes_stored"]),
+        "by_tier": {k: {"requests": v["requests"], "p50_ms": percentile(v["buckets"], 0.5),
+                        "p95_ms": percentile(v["buckets"], 0.95),
+                        "p99_ms": percentile(v["buckets"], 0.99)}
+                    for k, v in sorted(by_tier.items())},
+        "evictions": {e["reason"]: {"evictions": e["evictions"], "bytes_freed": e["bytes_freed"]}
+                      for e in evictions},
+        "hourly": {h: dict(v) for h, v in sorted(hourly.items())},
+    }
