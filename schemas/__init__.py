@@ -1,6 +1,7 @@
 """Wire contracts of promptcache (CONTRACT.md). Imports only pydantic."""
 
 from schemas.events import (
+    Answer,
     CacheStatus,
     ChangeEvent,
     DeadLetter,
@@ -14,6 +15,7 @@ from schemas.events import (
 )
 
 __all__ = [
+    "Answer",
     "CacheStatus",
     "ChangeEvent",
     "DeadLetter",

@@ -135,12 +135,31 @@ class DeadLetter(BaseModel):
     dead_lettered_at: float
 
 
+class Answer(BaseModel):
+    """One answered request inside a `requests_answered` change event: a worker publishes one
+    such event per batch of results instead of an `entry_hit` and a `request_answered` event
+    per request. It means the same as that pair: a result row for the hourly statistics and,
+    for a hit (`exact`, `semantic`, `coalesced`) of `entry_id`, a hit of that entry."""
+
+    model_config = ConfigDict(frozen=True)
+
+    request_id: str
+    status: Status
+    tier: CacheStatus | None = None
+    entry_id: str | None = None  # the entry served (a hit) or made (a miss)
+    latency_ms: float
+    reason: str | None = None  # the error code when status is not ok
+    generation_ms: float | None = None  # a hit: the generation time its entry cost (saved)
+    similarity: float | None = None  # a semantic hit
+
+
 class ChangeEvent(BaseModel):
     """An entry of `promptcache:changes`: what happened to the cache, for persisters and janitors."""
 
     model_config = ConfigDict(frozen=True)
 
-    type: Literal["entry_stored", "entry_hit", "entry_evicted", "request_answered"]
+    type: Literal["entry_stored", "entry_hit", "entry_evicted", "request_answered",
+                  "requests_answered"]
     entry_id: str
     at: float
     cache_key: str | None = None
@@ -168,3 +187,4 @@ class ChangeEvent(BaseModel):
     embedding: str | None = None
     embedding_model: str | None = None
     partition: str | None = None
+    answers: list[Answer] | None = None  # requests_answered: a batch of results (entry_id "")
