@@ -151,7 +151,8 @@ def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aior
                   generation_concurrency=settings.generation_concurrency,
                   claim_idle=settings.claim_idle, block=settings.block,
                   max_deliveries=settings.max_deliveries, done_ttl=settings.done_ttl,
-                  health_interval=settings.health_interval)
+                  health_interval=settings.health_interval,
+                  durable_results=settings.durable_results)
 
 
 async def run_worker(settings: Settings, *, burst: bool = False,

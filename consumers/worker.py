@@ -1,15 +1,19 @@
 """The worker: two stages on two streams, answering every request exactly once.
 
-- The fast path reads `promptcache:requests` (group `workers`) in batches, up to `max_in_flight`
-  at once: decode, validate, look up the cache tiers, and publish hits, rejections and dead
-  letters. A miss is handed off (XADD to `promptcache:generate` + XACK, atomically).
-- The generation stage reads `promptcache:generate` (group `generators`) only while it has a free
-  slot (`generation_concurrency`), so a burst of misses spreads over every worker instead of
-  queueing behind the one that read it, and hits never wait behind generations.
+- The request stage reads `promptcache:requests` (group `workers`) a batch at a time: it decodes
+  and prepares every entry (the optimizer and keys memoised), looks up the exact keys of the
+  whole batch in one round trip, and publishes every answer of the batch (hits, rejections,
+  hand-offs of misses to `promptcache:generate`) in one script call that acknowledges the batch,
+  marks each request done, counts the results and writes one `requests_answered` change event.
+  Exact misses that the semantic tier may answer leave the batch for their own task (they embed
+  the prompt), so hits never wait for them.
+- The generation stage reads `promptcache:generate` (group `generators`) only while it has a
+  free slot (`generation_concurrency`), so a burst of misses spreads over every worker instead
+  of queueing behind the one that read it, and hits never wait behind generations.
 
-Each stage renews the lease on what it holds (XCLAIM JUSTID), takes over what dead consumers left
-(XAUTOCLAIM), dead-letters what keeps failing past `max_deliveries`, and on stop() finishes or
-leaves pending what it holds.
+Both stages are a `GroupLoop`: leases renewed on what they hold (XCLAIM JUSTID), what dead
+consumers left taken over (XAUTOCLAIM), what keeps failing past `max_deliveries` dead-lettered,
+and on stop() what they hold finished or left pending.
 """
 
 from __future__ import annotations
@@ -20,34 +24,35 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 import structlog
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from structlog.contextvars import bound_contextvars
 
+from consumers.group import GroupLoop, Stopper
 from promptcache import intake
 from promptcache.errors import GenerationFailed, PipelineError, RequestRejected
 from promptcache.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
-from promptcache.pipeline import Outcome, Pipeline
 from promptcache.latency import bucket_of
+from promptcache.pipeline import Outcome, Pipeline, Prepared
 from promptcache.streams import (
+    TO_FALLBACK,
     Delivery,
     GroupReader,
+    Outgoing,
     Publisher,
     Source,
     entry_time_ms,
-    is_nogroup,
     now_ms,
 )
 from schemas.events import (
-    ChangeEvent,
+    Answer,
     DeadLetter,
     ErrorInfo,
     GenerationJob,
@@ -57,6 +62,9 @@ from schemas.events import (
 )
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+RETRY_PAUSES = (0.05, 0.25, 1.0)  # a Redis hiccup: retried here before leaving entries pending
 
 
 def consumer_name() -> str:
@@ -68,18 +76,14 @@ def _answer_with_error(request: Request, status: Status, exc: PipelineError) -> 
                           error=ErrorInfo(code=exc.code, message=exc.message)))
 
 
-@dataclass
-class Stage:
-    name: str
-    reader: GroupReader
-    capacity: int
-    handle: Callable[[Delivery], Awaitable[None]]
-    in_flight: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    drained: bool = False  # last read found nothing (burst mode's "done" test)
+@dataclass(slots=True)
+class _Answer:
+    """One answer of a batch on its way to the publish script."""
 
-    @property
-    def source(self) -> Source:
-        return Source(self.reader.stream, self.reader.group)
+    message_id: str
+    origin_id: str  # the request entry's id: latency runs from its time
+    reply_to: str | None
+    outcome: Outcome
 
 
 class Worker:
@@ -90,42 +94,50 @@ class Worker:
                  block: timedelta = timedelta(seconds=1), max_deliveries: int = 5,
                  done_ttl: timedelta = timedelta(days=7),
                  health_interval: timedelta = timedelta(seconds=10),
-                 shutdown_grace: timedelta = timedelta(seconds=30)) -> None:
+                 shutdown_grace: timedelta = timedelta(seconds=30),
+                 durable_results: bool = False) -> None:
         self.redis = redis
         self.keys = keys
         self.pipeline = pipeline
         self.consumer = consumer or consumer_name()
-        self.batch_size = batch_size
         self.max_deliveries = max_deliveries
-        self.claim_idle = claim_idle
         self.health_interval = health_interval
         self.shutdown_grace = shutdown_grace
-        self.fast = Stage("requests", GroupReader(
-            redis, keys.requests, REQUESTS_GROUP, self.consumer, claim_idle=claim_idle,
-            block=block), max_in_flight, self._handle_request)
-        self.slow = Stage("generate", GroupReader(
-            redis, keys.generate, GENERATE_GROUP, self.consumer, claim_idle=claim_idle,
-            block=block), generation_concurrency, self._handle_job)
+        self.stopper = Stopper()
+        self.fast = GroupLoop(
+            GroupReader(redis, keys.requests, REQUESTS_GROUP, self.consumer,
+                        claim_idle=claim_idle, block=block),
+            self._handle_requests, name="requests", batch_size=batch_size,
+            capacity=max_in_flight, stopper=self.stopper, claim_idle=claim_idle)
+        self.slow = GroupLoop(
+            GroupReader(redis, keys.generate, GENERATE_GROUP, self.consumer,
+                        claim_idle=claim_idle, block=block),
+            self._start_jobs, name="generate", batch_size=batch_size,
+            capacity=generation_concurrency, stopper=self.stopper, claim_idle=claim_idle)
         self.publisher = Publisher(redis, dead_letter_stream=keys.dead_letter,
-                                   changes_stream=keys.changes, done_ttl=done_ttl)
+                                   changes_stream=keys.changes, results_stream=keys.results,
+                                   metrics_results=keys.metrics_results, done_ttl=done_ttl,
+                                   durable=durable_results)
         self.counters: Counter[str] = Counter()
-        self._stopping = asyncio.Event()
 
     def stop(self) -> None:
         """Stop reading; what is in flight finishes (or stays pending for another worker)."""
-        self._stopping.set()
+        self.stopper.stop()
 
     async def run(self, *, burst: bool = False) -> None:
         """Serve until stop(); with burst=True, return once both streams have nothing for us."""
         log.info("worker_started", consumer=self.consumer, stream=self.keys.requests)
         for stage in (self.fast, self.slow):
-            await self._ensure_group(stage)
-        helpers = [asyncio.create_task(self._renew_leases()),
+            await stage.ensure_group()
+        helpers = [asyncio.create_task(self.fast.renew_leases()),
+                   asyncio.create_task(self.slow.renew_leases()),
                    asyncio.create_task(self._report_health())]
         try:
-            await asyncio.gather(self._consume(self.fast, burst), self._consume(self.slow, burst))
+            await asyncio.gather(self.fast.run(burst=burst, idle=self._idle),
+                                 self.slow.run(burst=burst, idle=self._idle))
         finally:
-            await asyncio.gather(self._drain(self.fast), self._drain(self.slow))
+            await asyncio.gather(self.fast.drain(self.shutdown_grace),
+                                 self.slow.drain(self.shutdown_grace))
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
@@ -133,86 +145,7 @@ class Worker:
             log.info("worker_stopped", consumer=self.consumer, **self.counters)
 
     def _idle(self) -> bool:
-        return all(s.drained and not s.in_flight for s in (self.fast, self.slow))
-
-    async def _consume(self, stage: Stage, burst: bool) -> None:
-        backoff = 0.1
-        while not self._stopping.is_set():
-            free = stage.capacity - len(stage.in_flight)
-            if free <= 0:
-                await asyncio.wait(list(stage.in_flight.values()), timeout=1.0,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                continue
-            try:
-                deliveries = await stage.reader.read(min(self.batch_size, free),
-                                                     skip=tuple(stage.in_flight))
-                backoff = 0.1
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("redis_unreachable", stage=stage.name, error=str(exc), retry_in=backoff)
-                await self._sleep_unless_stopping(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            except RedisError as exc:
-                if not is_nogroup(exc):
-                    raise
-                log.warning("group_missing_recreating", stream=stage.reader.stream)
-                await self._ensure_group(stage)
-                continue
-            for delivery in deliveries:
-                task = asyncio.create_task(self._guarded(stage, delivery))
-                stage.in_flight[delivery.message_id] = task
-                task.add_done_callback(
-                    lambda _t, mid=delivery.message_id: stage.in_flight.pop(mid, None))
-            stage.drained = not deliveries
-            if burst and not deliveries:
-                if self._idle():
-                    return
-                pending = [*self.fast.in_flight.values(), *self.slow.in_flight.values()]
-                if pending:
-                    await asyncio.wait(pending, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
-                else:
-                    await asyncio.sleep(0.01)
-
-    async def _sleep_unless_stopping(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
-
-    async def _ensure_group(self, stage: Stage) -> None:
-        delay = 0.1
-        while True:
-            try:
-                await stage.reader.ensure_group()
-                return
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("redis_unreachable", error=str(exc), retry_in=delay)
-                if self._stopping.is_set():
-                    raise
-                await self._sleep_unless_stopping(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def _drain(self, stage: Stage) -> None:
-        if not stage.in_flight:
-            return
-        log.info("draining", stage=stage.name, in_flight=len(stage.in_flight))
-        _, pending = await asyncio.wait(list(stage.in_flight.values()),
-                                        timeout=self.shutdown_grace.total_seconds())
-        for task in pending:  # left pending in the stream: another worker takes them over
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        if pending:
-            log.warning("left_pending", stage=stage.name, count=len(pending))
-
-    async def _renew_leases(self) -> None:
-        interval = max(self.claim_idle.total_seconds() / 3, 0.05)
-        while True:
-            await asyncio.sleep(interval)
-            for stage in (self.fast, self.slow):
-                try:
-                    await stage.reader.renew(list(stage.in_flight))
-                except RedisError as exc:
-                    log.warning("lease_renewal_failed", stage=stage.name, error=str(exc))
+        return all(s.drained and not s.held for s in (self.fast, self.slow))
 
     async def _report_health(self) -> None:
         while True:
@@ -221,75 +154,92 @@ class Worker:
 
     async def _write_health(self) -> None:
         state = {"consumer": self.consumer, "at": time.time(),
-                 "in_flight": len(self.fast.in_flight), "generating": len(self.slow.in_flight),
+                 "in_flight": len(self.fast.held), "generating": len(self.slow.held),
                  **self.counters}
         try:
             await self.redis.set(self.keys.health(self.consumer), json.dumps(state),
                                  ex=max(int(self.health_interval.total_seconds() * 3), 1))
-        except RedisError as exc:
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             log.warning("health_write_failed", error=str(exc))
         log.info("worker_health", **state)
 
-    # one entry ----------------------------------------------------------------------------
+    # the request stage: a batch at a time -------------------------------------------------
 
-    async def _guarded(self, stage: Stage, delivery: Delivery) -> None:
-        """Handle one entry. A Redis hiccup is retried here a few times (the handler is safe to
-        re-run: a stored image is found again in the cache); anything else, or a Redis outage
-        that outlasts the retries, leaves the entry pending for XAUTOCLAIM."""
-        with bound_contextvars(stage=stage.name, message_id=delivery.message_id,
-                               redelivered=delivery.redelivered):
-            for attempt, pause in enumerate((0.05, 0.25, 1.0, None)):
-                try:
-                    await stage.handle(delivery)
-                    return
-                except asyncio.CancelledError:
-                    raise
-                except (RedisConnectionError, RedisTimeoutError) as exc:
-                    if pause is None or self._stopping.is_set():
-                        self._left_pending(exc, delivery)
-                        return
-                    log.warning("redis_error_retrying", error=str(exc), attempt=attempt + 1)
-                    await asyncio.sleep(pause)
-                except Exception as exc:  # the one place that catches everything
-                    self._left_pending(exc, delivery)
-                    return
-
-    def _left_pending(self, exc: Exception, delivery: Delivery) -> None:
-        self.counters["retry_later"] += 1
-        log.exception("processing_failed_left_pending", error=str(exc),
-                      times_delivered=delivery.times_delivered)
-
-    async def _handle_request(self, delivery: Delivery) -> None:
-        source = self.fast.source
-        decoded = intake.decode(delivery.fields)
-        if isinstance(decoded, intake.Undeliverable):
-            await self._dead_letter(source, delivery, decoded.error)
-            return
-        if isinstance(decoded, intake.Rejected):
-            result = Result(request_id=decoded.request_id, status="rejected", error=decoded.error)
-            await self._publish(source, delivery.message_id, delivery.message_id,
-                                decoded.reply_to, Outcome(result))
-            return
-        request: Request = decoded
-        with bound_contextvars(request_id=request.request_id):
-            if await self._settled_before(source, delivery, request, delivery.message_id):
-                return
+    async def _handle_requests(self, deliveries: list[Delivery]) -> None:
+        source = self.fast.reader.source
+        answers: list[_Answer] = []
+        handoffs: list[Outgoing] = []
+        lookups: list[tuple[Delivery, Prepared]] = []
+        for delivery in deliveries:
+            decoded = intake.decode(delivery.fields, own_prefix=self.keys.prefix)
+            if isinstance(decoded, intake.Undeliverable):
+                await self._guard(delivery, self._dead_letter(source, delivery, decoded.error))
+                continue
+            if isinstance(decoded, intake.Rejected):
+                reply_to = decoded.reply_to
+                if reply_to is not None and intake.is_own_key(reply_to, self.keys.prefix):
+                    reply_to = None
+                answers.append(_Answer(delivery.message_id, delivery.message_id, reply_to,
+                                       Outcome(Result(request_id=decoded.request_id,
+                                                      status="rejected", error=decoded.error))))
+                continue
+            request: Request = decoded
+            if delivery.times_delivered > self.max_deliveries:
+                await self._guard(delivery, self._over_limit(source, delivery, request,
+                                                             delivery.message_id))
+                continue
             try:
-                outcome = await self.pipeline.lookup(request)
+                prepared = self.pipeline.prepare(request)
             except RequestRejected as exc:
-                outcome = _answer_with_error(request, "rejected", exc)
-            if outcome is not None:
-                await self._publish(source, delivery.message_id, delivery.message_id,
-                                    request.reply_to, outcome)
-                return
-            job = GenerationJob(request=request, origin_id=delivery.message_id)
-            await self.publisher.hand_off(source, delivery.message_id, self.keys.generate,
-                                          job.model_dump_json(exclude_none=True))
-            self.slow.drained = False  # there is work for the generation stage now
-            self.counters["handed_off"] += 1
+                answers.append(_Answer(delivery.message_id, delivery.message_id,
+                                       request.reply_to,
+                                       _answer_with_error(request, "rejected", exc)))
+                continue
+            if request.options.cache != "use":
+                handoffs.append(self._handoff(delivery.message_id, request))
+            else:
+                lookups.append((delivery, prepared))
+        if lookups:
+            found = await self._retrying(lambda: self.pipeline.lookup_many(
+                [p for _, p in lookups]))
+            for delivery, prepared in lookups:
+                entry = found.get(prepared.key) if found is not None else None
+                if entry is not None:
+                    answers.append(_Answer(delivery.message_id, delivery.message_id,
+                                           prepared.request.reply_to,
+                                           self.pipeline.hit(prepared, entry, "exact")))
+                elif found is not None and self.pipeline.semantic is not None:
+                    self.fast.hold(delivery.message_id, asyncio.create_task(
+                        self._guard(delivery, self._look_similar(delivery, prepared))))
+                else:
+                    handoffs.append(self._handoff(delivery.message_id, prepared.request))
+        if answers or handoffs:
+            await self._retrying(lambda: self._publish(source, answers, handoffs))
+
+    def _handoff(self, message_id: str, request: Request) -> Outgoing:
+        job = GenerationJob(request=request, origin_id=message_id)
+        return Outgoing(message_id, self.keys.done(request.request_id), self.keys.generate,
+                        job.model_dump_json(exclude_none=True), kind="h")
+
+    async def _look_similar(self, delivery: Delivery, prepared: Prepared) -> None:
+        """An exact miss: the semantic tier, then a hit or a hand-off (a batch of one)."""
+        outcome = await self.pipeline.similar(prepared)
+        if outcome is not None:
+            await self._publish(self.fast.reader.source, [_Answer(
+                delivery.message_id, delivery.message_id, prepared.request.reply_to, outcome)])
+        else:
+            await self._publish(self.fast.reader.source, [],
+                                [self._handoff(delivery.message_id, prepared.request)])
+
+    # the generation stage: one task per job -----------------------------------------------
+
+    async def _start_jobs(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            self.slow.hold(delivery.message_id, asyncio.create_task(
+                self._guard(delivery, self._handle_job(delivery))))
 
     async def _handle_job(self, delivery: Delivery) -> None:
-        source = self.slow.source
+        source = self.slow.reader.source
         try:
             job = GenerationJob.model_validate_json(delivery.fields.get(b"data", b""))
         except ValidationError as exc:  # only a bug or a hand-written entry gets here
@@ -297,60 +247,117 @@ class Worker:
                 code="invalid_request", message=f"unreadable generation job: {exc}"[:500]))
             return
         request = job.request
-        with bound_contextvars(request_id=request.request_id):
-            if await self._settled_before(source, delivery, request, job.origin_id):
-                return
-            try:
-                outcome = await self.pipeline.generate(request)
-            except RequestRejected as exc:
-                outcome = _answer_with_error(request, "rejected", exc)
-            except GenerationFailed as exc:
-                outcome = _answer_with_error(request, "failed", exc)
-            await self._publish(source, delivery.message_id, job.origin_id, request.reply_to,
-                                outcome)
-
-    async def _settled_before(self, source: Source, delivery: Delivery, request: Request,
-                              origin_id: str) -> bool:
-        """True when this delivery needs no more work: past the delivery limit, or answered."""
         if delivery.times_delivered > self.max_deliveries:
-            await self._dead_letter(source, delivery, ErrorInfo(
-                code="delivery_limit_exceeded",
-                message=f"processing failed {delivery.times_delivered - 1} times"),
-                request=request, origin_id=origin_id)
-            return True
+            await self._over_limit(source, delivery, request, job.origin_id)
+            return
         if await self.publisher.already_done(self.keys.done(request.request_id)):
             await self.publisher.ack(source, delivery.message_id)
             self.counters["duplicate"] += 1
-            log.info("duplicate_acked")
-            return True
-        return False
+            log.info("duplicate_acked", request_id=request.request_id)
+            return
+        try:
+            outcome = await self.pipeline.generate(request)
+        except RequestRejected as exc:
+            outcome = _answer_with_error(request, "rejected", exc)
+        except GenerationFailed as exc:
+            outcome = _answer_with_error(request, "failed", exc)
+        await self._publish(source, [_Answer(delivery.message_id, job.origin_id,
+                                             request.reply_to, outcome)])
+        log.info("result_published", request_id=request.request_id,
+                 status=outcome.result.status, cache=outcome.result.cache)
 
-    async def _publish(self, source: Source, message_id: str, origin_id: str,
-                       reply_to: str | None, outcome: Outcome) -> None:
-        latency = round(now_ms() - entry_time_ms(origin_id), 2)
-        result = outcome.result.model_copy(update={"latency_ms": latency})
-        answered = ChangeEvent(type="request_answered", entry_id=result.entry_id or "",
-                               at=time.time(), request_id=result.request_id, tier=result.cache,
-                               status=result.status,
-                               reason=result.error.code if result.error else None)
-        changes = [c.model_copy(update={"latency_ms": latency}).model_dump_json(exclude_none=True)
-                   for c in (*outcome.changes, answered)]
-        tier = result.cache or ""
-        counters = [(self.keys.metrics_results, f"{tier}|{result.status}", 1),
-                    (self.keys.metrics_latency(tier or result.status), str(bucket_of(latency)), 1),
-                    (self.keys.metrics_latency(tier or result.status), "sum", latency)]
-        published = await self.publisher.publish_result(
-            source, message_id, done_key=self.keys.done(result.request_id),
-            stream=reply_to or self.keys.results, data=result.model_dump_json(), changes=changes,
-            counters=counters)
-        if published:
+    # publishing -----------------------------------------------------------------------------
+
+    async def _publish(self, source: Source, answers: Sequence[_Answer],
+                       handoffs: Sequence[Outgoing] = ()) -> None:
+        """Every answer and hand-off of a batch in one script call (see Publisher.publish)."""
+        now = now_ms()
+        rows: list[Outgoing] = []
+        changes: list[str] = []
+        for item in answers:
+            latency = round(now - entry_time_ms(item.origin_id), 2)
+            result = item.outcome.result.model_copy(update={"latency_ms": latency})
+            rows.append(self._result_row(item.message_id, item.reply_to, result,
+                                         item.outcome.saved_generation_ms))
+            changes += [c.model_copy(update={"latency_ms": latency}).model_dump_json(
+                exclude_none=True) for c in item.outcome.changes]
+        rows += handoffs
+        flags = await self.publisher.publish(source, rows, changes=changes)
+        for item, flag in zip(answers, flags, strict=False):
+            result = item.outcome.result
+            if not flag:
+                self.counters["duplicate"] += 1
+                continue
             self.counters[result.cache if result.status == "ok" and result.cache
                           else result.status] += 1
-            log.info("result_published", status=result.status, cache=result.cache,
-                     latency_ms=latency, error=result.error.code if result.error else None)
-        else:
-            self.counters["duplicate"] += 1
-            log.info("duplicate_acked")
+            if flag == TO_FALLBACK:
+                self.counters["reply_to_unwritable"] += 1
+                log.warning("reply_to_unwritable", request_id=result.request_id,
+                            reply_to=item.reply_to)
+        self.counters["handed_off"] += sum(1 for f in flags[len(answers):] if f)
+        if handoffs:
+            self.slow.drained = False  # there is work for the generation stage now
+
+    def _result_row(self, message_id: str, reply_to: str | None, result: Result,
+                    saved_generation_ms: float | None) -> Outgoing:
+        fallback = ""
+        if reply_to:  # where the result goes when the reply_to cannot be written
+            fallback = result.model_copy(update={"error": ErrorInfo(
+                code="reply_to_unwritable",
+                message=f"the result could not be written to reply_to {reply_to!r} (it holds "
+                        f"another type of key)" + (
+                            f"; the request's own error: {result.error.code}: "
+                            f"{result.error.message}" if result.error else ""))}
+            ).model_dump_json()
+        tier = result.cache if result.status == "ok" else None
+        latency = result.latency_ms or 0.0
+        answer = Answer(request_id=result.request_id, status=result.status, tier=tier,
+                        entry_id=result.entry_id, latency_ms=latency,
+                        reason=result.error.code if result.error else None,
+                        generation_ms=saved_generation_ms, similarity=result.similarity)
+        return Outgoing(message_id, self.keys.done(result.request_id),
+                        reply_to or self.keys.results, result.model_dump_json(),
+                        fallback=fallback, answer=answer.model_dump_json(exclude_none=True),
+                        counter=f"{tier or ''}|{result.status}",
+                        histogram=self.keys.metrics_latency(tier or result.status),
+                        bucket=bucket_of(latency), latency_ms=latency)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A Redis hiccup is retried a few times (every step is safe to repeat: publishing is
+        exactly-once per request id); a longer outage propagates and the batch stays pending
+        for XAUTOCLAIM."""
+        for pause in (*RETRY_PAUSES, None):
+            try:
+                return await call()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if pause is None or self.stopper.stopping:
+                    raise
+                log.warning("redis_error_retrying", error=str(exc), retry_in=pause)
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
+
+    async def _guard(self, delivery: Delivery, work: Coroutine[object, object, None]) -> None:
+        """The one place that catches everything: an unexpected failure, or a Redis outage that
+        outlasts the retries, leaves the entry pending for XAUTOCLAIM (and, past
+        `max_deliveries`, the dead letter)."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self.counters["retry_later"] += 1
+            log.exception("processing_failed_left_pending", error=str(exc),
+                          message_id=delivery.message_id,
+                          times_delivered=delivery.times_delivered)
+
+    # dead letters ---------------------------------------------------------------------------
+
+    async def _over_limit(self, source: Source, delivery: Delivery, request: Request,
+                          origin_id: str) -> None:
+        await self._dead_letter(source, delivery, ErrorInfo(
+            code="delivery_limit_exceeded",
+            message=f"processing failed {delivery.times_delivered - 1} times"),
+            request=request, origin_id=origin_id)
 
     async def _dead_letter(self, source: Source, delivery: Delivery, error: ErrorInfo, *,
                            request: Request | None = None, origin_id: str | None = None) -> None:
@@ -365,10 +372,13 @@ class Worker:
             failed = Result(request_id=request.request_id, status="failed", error=error,
                             latency_ms=round(now_ms() - entry_time_ms(
                                 origin_id or delivery.message_id), 2))
-            result = (request.reply_to or self.keys.results, failed.model_dump_json(),
-                      self.keys.done(request.request_id))
+            reply_to = request.reply_to
+            if reply_to is not None and intake.is_own_key(reply_to, self.keys.prefix):
+                reply_to = None
+            result = self._result_row(delivery.message_id, reply_to, failed,
+                                      saved_generation_ms=None)
         await self.publisher.dead_letter(source, delivery.message_id,
                                          data=letter.model_dump_json(), result=result)
         self.counters["dead_lettered"] += 1
         log.warning("dead_lettered", code=error.code, error=error.message,
-                    times_delivered=delivery.times_delivered)
+                    message_id=delivery.message_id, times_delivered=delivery.times_delivered)

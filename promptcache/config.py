@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None
 
     # worker
-    batch_size: int = Field(32, ge=1, le=1000)
+    batch_size: int = Field(100, ge=1, le=1000)  # entries per read: one lookup, one publish
     max_in_flight: int = Field(256, ge=1)
     generation_concurrency: int = Field(4, ge=1)
     block: Duration = timedelta(seconds=1)  # XREADGROUP BLOCK; must stay under the 5 s socket timeout
@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(5, ge=1)
     done_ttl: Duration = timedelta(days=7)  # how long a request_id is remembered as answered
     health_interval: Duration = timedelta(seconds=10)
+    # publish a batch only once the streams server has it in its append-only file (WAITAOF)
+    durable_results: bool = False
 
     # cache
     ttl: Duration = timedelta(days=30)

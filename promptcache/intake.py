@@ -47,7 +47,10 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def decode(fields: dict[bytes, bytes]) -> Request | Rejected | Undeliverable:
+def decode(fields: dict[bytes, bytes],
+           own_prefix: str | None = None) -> Request | Rejected | Undeliverable:
+    """With `own_prefix`, a reply_to naming one of the service's own keys (under the prefix)
+    is rejected: a result written there could overwrite or swallow the service's state."""
     raw = fields.get(b"data")
     if raw is None:
         return Undeliverable(ErrorInfo(code="invalid_request",
@@ -67,7 +70,7 @@ def decode(fields: dict[bytes, bytes]) -> Request | Rejected | Undeliverable:
         return Undeliverable(ErrorInfo(code="invalid_request",
                                        message="'data' is not a JSON object"))
     try:
-        return Request.model_validate(payload)
+        request = Request.model_validate(payload)
     except (ValidationError, RecursionError) as exc:
         request_id = payload.get("request_id")
         reply_to = payload.get("reply_to")
@@ -79,6 +82,17 @@ def decode(fields: dict[bytes, bytes]) -> Request | Rejected | Undeliverable:
         else:
             error = ErrorInfo(code="invalid_request", message=_describe(exc))
         return _reject_or_dead(request_id, reply_to, error)
+    if own_prefix is not None and request.reply_to is not None and \
+            is_own_key(request.reply_to, own_prefix):
+        return Rejected(request.request_id, None, ErrorInfo(
+            code="invalid_request",
+            message=f"reply_to {request.reply_to!r} names one of the service's own keys "
+                    f"(under {own_prefix!r}); choose a stream name outside it"))
+    return request
+
+
+def is_own_key(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith((f"{prefix}:", f"{{{prefix}:", f"{{{prefix}}}"))
 
 
 def _reject_or_dead(request_id: object, reply_to: object,

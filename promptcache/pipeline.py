@@ -1,14 +1,20 @@
-"""One request, start to finish: canonicalise -> exact tier -> generate -> store -> outcome.
+"""One request, start to finish: prepare (optimise, canonicalise, key) -> exact tier ->
+semantic tier -> generate -> store -> outcome.
 
-Knows the cache tiers, the generator and the stores; knows nothing of stream ids.
+The worker runs it in two stages on two streams: `promptcache:requests` (every request:
+`prepare`, `lookup_many` for a whole batch, `similar` for the exact misses) and
+`promptcache:generate` (the misses handed on: `generate`). Knows the cache tiers, the generator
+and the stores; knows nothing of stream ids.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import structlog
@@ -25,7 +31,7 @@ from promptcache.flight.similar import SimilarFlights
 from promptcache.semantic.tier import SemanticTier
 from promptcache.storage.blobs import BlobStore, StoredBlob
 from promptcache.thumbnails import make_thumbnail
-from schemas.events import CacheStatus, ChangeEvent, Request, Result
+from schemas.events import CacheStatus, ChangeEvent, Params, Request, Result
 
 log = structlog.get_logger(__name__)
 
@@ -45,8 +51,12 @@ class LookAgain(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
+    """A request's answer, and what happened to the cache on the way (entries stored or
+    evicted: recorded whoever publishes the answer). A hit says what generation it saved."""
+
     result: Result
     changes: list[ChangeEvent] = field(default_factory=list)
+    saved_generation_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +72,10 @@ class Prepared:
     optimizer_version: str
     dropped: tuple[str, ...] = ()
     params_key: str = ""  # the key without the prompt: the semantic tier's hard partition
+
+
+PREPARED_CACHE_SIZE = 4096
+_PrepareKey = tuple[str, str | None, Params, bool]
 
 
 class Pipeline:
@@ -92,6 +106,9 @@ class Pipeline:
         self.flight = flight
         self.semantic = semantic
         self.similar_flights = similar_flights  # rewrites of a prompt in flight wait for it
+        # prepare() memoised: the same prompt, negative, params and optimize flag always give
+        # the same keys, so a repeat costs a dict lookup instead of the optimizer and hashing
+        self._prepared: OrderedDict[_PrepareKey, Prepared] = OrderedDict()
 
     def _urls(self, blob_sha256: str, content_type: str) -> tuple[str, str]:
         ext = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}[content_type]
@@ -100,7 +117,22 @@ class Pipeline:
 
     def prepare(self, request: Request) -> Prepared:
         """Optimise (raises Refused: a `rejected` answer that never reaches the cache or the
-        generator) and form the key from the user's canonical prompt, before enhancers."""
+        generator) and form the key from the user's canonical prompt, before enhancers.
+        Memoised on everything that affects the outcome (the policy and generator are fixed
+        for the pipeline's life); refusals are not memoised."""
+        memo: _PrepareKey = (request.prompt, request.negative_prompt, request.params,
+                             request.options.optimize)
+        cached = self._prepared.get(memo)
+        if cached is not None:
+            self._prepared.move_to_end(memo)
+            return dataclasses.replace(cached, request=request)
+        prepared = self._prepare(request)
+        self._prepared[memo] = prepared
+        if len(self._prepared) > PREPARED_CACHE_SIZE:
+            self._prepared.popitem(last=False)
+        return prepared
+
+    def _prepare(self, request: Request) -> Prepared:
         params = normalize_params(request.params, default_model=self.generator.default_model)
         optimized = optimize(request.prompt, request.negative_prompt,
                              enabled=request.options.optimize, policy=self.policy,
@@ -124,11 +156,20 @@ class Pipeline:
         except CacheUnavailable as exc:
             log.warning("cache_unavailable", error=str(exc))
             return None, False
-        # one stat() on local disk: cheaper inline than a thread hop
-        if entry is not None and not self.blobs.exists(entry.blob_sha256, entry.content_type):
-            log.warning("cache_entry_without_blob", entry_id=entry.entry_id)
-            entry = None
+        # the registry is trusted: an entry's files go only with its registration (and the
+        # janitor's orphan sweep drops an entry whose file is gone), so no stat() per hit
         return entry, True
+
+    async def lookup_many(self, prepared: list[Prepared]) -> dict[str, CacheEntry | None] | None:
+        """The exact tier for a whole batch in one round trip: entry (or None) by cache key;
+        None when the cache store is unavailable (the batch bypasses)."""
+        if self.exact is None:
+            return None
+        try:
+            return await self.exact.get_many([p.key for p in prepared])
+        except CacheUnavailable as exc:
+            log.warning("cache_unavailable", error=str(exc))
+            return None
 
     async def lookup(self, request: Request) -> Outcome | None:
         """The fast path: an answer from the cache, or None when the image must be generated."""
@@ -137,10 +178,10 @@ class Pipeline:
             return None
         entry, usable = await self._cached(prepared)
         if entry is not None:
-            return self._hit(prepared, entry, "exact")
-        return await self._similar(prepared) if usable else None
+            return self.hit(prepared, entry, "exact")
+        return await self.similar(prepared) if usable else None
 
-    async def _similar(self, prepared: Prepared, *, count: bool = True) -> Outcome | None:
+    async def similar(self, prepared: Prepared, *, count: bool = True) -> Outcome | None:
         """The semantic tier: the most similar verified entry of the same params partition."""
         if self.semantic is None or self.exact is None:
             return None
@@ -151,10 +192,10 @@ class Pipeline:
             except CacheUnavailable as exc:
                 log.warning("cache_unavailable", error=str(exc))
                 return None
-            if entry is None or not self.blobs.exists(entry.blob_sha256, entry.content_type):
+            if entry is None:
                 self.semantic.index.remove(neighbour.meta.entry_id)  # expired meanwhile
                 continue
-            return self._hit(prepared, entry, "semantic", similarity=neighbour.similarity,
+            return self.hit(prepared, entry, "semantic", similarity=neighbour.similarity,
                              matched_prompt=neighbour.meta.prompt)
         return None
 
@@ -166,12 +207,12 @@ class Pipeline:
         if mode == "use":
             entry, cache_usable = await self._cached(prepared)
             if entry is not None:  # made by another request while this one queued
-                return self._hit(prepared, entry, "coalesced")
-            if cache_usable and (similar := await self._similar(prepared, count=False)):
+                return self.hit(prepared, entry, "coalesced")
+            if cache_usable and (similar := await self.similar(prepared, count=False)):
                 return similar  # a near-identical prompt was stored while this one queued
             if (leader := self._in_flight.get(prepared.key)) is not None:
                 try:
-                    return self._hit(prepared, await asyncio.shield(leader), "coalesced")
+                    return self.hit(prepared, await asyncio.shield(leader), "coalesced")
                 except Exception:  # noqa: BLE001 - the leader failed: try ourselves
                     pass
         future: asyncio.Future[CacheEntry] | None = None
@@ -188,7 +229,7 @@ class Pipeline:
                 if isinstance(joined, Found):  # another worker generated it meanwhile
                     self._in_flight.pop(prepared.key, None)
                     future.set_result(joined.value)
-                    return self._hit(prepared, joined.value, "coalesced")
+                    return self.hit(prepared, joined.value, "coalesced")
                 lease = joined  # None: the cache store is down, generate without a lock
             if lease is not None and self.similar_flights is not None and \
                     (served := await self._wait_for_similar(prepared, lease.name)) is not None:
@@ -232,7 +273,7 @@ class Pipeline:
             return None
         if entry is None or not self.blobs.exists(entry.blob_sha256, entry.content_type):
             return None
-        return self._hit(prepared, entry, "semantic", similarity=holder.similarity,
+        return self.hit(prepared, entry, "semantic", similarity=holder.similarity,
                          matched_prompt=holder.prompt)
 
     async def _generate_announced(self, prepared: Prepared, cache_usable: bool,
@@ -342,7 +383,7 @@ class Pipeline:
             log.warning("cache_unavailable", error=str(exc))
             return False
 
-    def _hit(self, prepared: Prepared, entry: CacheEntry, tier: CacheStatus, *,
+    def hit(self, prepared: Prepared, entry: CacheEntry, tier: CacheStatus, *,
              similarity: float | None = None, matched_prompt: str | None = None) -> Outcome:
         request = prepared.request
         image_url, thumbnail_url = self._urls(entry.blob_sha256, entry.content_type)
@@ -354,7 +395,4 @@ class Pipeline:
                         content_type=entry.content_type, prompt_used=entry.prompt_used,
                         dropped=list(prepared.dropped) or None,
                         optimizer_version=entry.optimizer_version)
-        hit = ChangeEvent(type="entry_hit", entry_id=entry.entry_id, at=time.time(), tier=tier,
-                          request_id=request.request_id, generation_ms=entry.generation_ms,
-                          similarity=result.similarity)
-        return Outcome(result, [hit])
+        return Outcome(result, saved_generation_ms=entry.generation_ms)

@@ -12,18 +12,40 @@ from datetime import timedelta
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import RedisError, ResponseError
 
 log = structlog.get_logger(__name__)
 
 
-def _ms(value: timedelta) -> int:
-    return int(value.total_seconds() * 1000)
+def millis(value: timedelta) -> int:
+    """A duration as whole milliseconds for a Redis argument, at least 1: in BLOCK, PX and
+    PEXPIRE a 0 means "for ever" or is an error, never "at once"."""
+    return max(int(value.total_seconds() * 1000), 1)
 
 
 def entry_time_ms(message_id: str) -> int:
     """The millisecond timestamp in a stream entry id (`1700000000000-0`)."""
     return int(message_id.split("-", 1)[0])
+
+
+def id_order(message_id: str) -> tuple[int, int]:
+    """A stream entry id as a sortable (milliseconds, sequence) pair."""
+    ms, _, seq = message_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def older_id(a: str, b: str) -> str:
+    return a if id_order(a) <= id_order(b) else b
+
+
+def next_id(message_id: str) -> str:
+    """The smallest id after `message_id`."""
+    ms, seq = id_order(message_id)
+    return f"{ms}-{seq + 1}"
+
+
+class DurabilityError(RedisError):
+    """Durable mode: the server did not confirm a batch in its append-only file."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +82,11 @@ class GroupReader:
         self.claim_idle = claim_idle
         self.block = block
         self._own_pending_checked = False
+        self._claim_cursor = "0-0"  # XAUTOCLAIM goes on from where its last call stopped
+
+    @property
+    def source(self) -> Source:
+        return Source(self.stream, self.group)
 
     async def ensure_group(self) -> None:
         await ensure_group(self.redis, self.stream, self.group)
@@ -76,9 +103,12 @@ class GroupReader:
             if own:
                 return await self._with_counts(own)
         # 2. entries a dead (or stuck) consumer held longer than claim_idle
-        _, claimed, *deleted = await self.redis.xautoclaim(
-            self.stream, self.group, self.consumer, min_idle_time=_ms(self.claim_idle),
-            start_id="0-0", count=count)
+        cursor, claimed, *deleted = await self.redis.xautoclaim(
+            self.stream, self.group, self.consumer, min_idle_time=millis(self.claim_idle),
+            start_id=self._claim_cursor, count=count)
+        # the next call starts after what this one scanned (0-0 once the whole list is done),
+        # so a dead consumer's entries behind many live, renewed ones are reached too
+        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
         if deleted and deleted[0]:
             log.warning("claimed_entries_were_trimmed", stream=self.stream,
                         ids=[d.decode() for d in deleted[0]])
@@ -89,16 +119,21 @@ class GroupReader:
             return await self._with_counts(taken)
         # 3. new entries
         reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"},
-                                            count=count, block=_ms(self.block))
+                                            count=count, block=millis(self.block))
         return [Delivery(mid.decode(), fields, redelivered=False)
                 for _, entries in reply or [] for mid, fields in entries]
 
     async def _with_counts(self, deliveries: list[Delivery]) -> list[Delivery]:
-        ids = [d.message_id for d in deliveries]
-        pending = await self.redis.xpending_range(
-            self.stream, self.group, min=min(ids, key=_id_key), max=max(ids, key=_id_key),
-            count=len(ids) * 4 + 10, consumername=self.consumer)
-        counts = {p["message_id"].decode(): int(p["times_delivered"]) for p in pending}
+        """Each entry's delivery count, asked entry by entry (one round trip): a range query
+        capped at some count could stop short of entries it should have counted, and an entry
+        counted as a first delivery would escape `max_deliveries`."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for d in deliveries:
+                pipe.xpending_range(self.stream, self.group, min=d.message_id,
+                                    max=d.message_id, count=1)
+            replies = await pipe.execute()
+        counts = {p["message_id"].decode(): int(p["times_delivered"])
+                  for reply in replies for p in reply}
         return [Delivery(d.message_id, d.fields, True, counts.get(d.message_id, 1))
                 for d in deliveries]
 
@@ -113,11 +148,6 @@ class GroupReader:
             await self.redis.xack(self.stream, self.group, *message_ids)
 
 
-def _id_key(message_id: str) -> tuple[int, int]:
-    ms, _, seq = message_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 @dataclass(frozen=True, slots=True)
 class Source:
     """Which stream and group an entry was read from: what acknowledging it means."""
@@ -126,21 +156,145 @@ class Source:
     group: str
 
 
+# One batch of answers, atomically. KEYS: [1] the stream read, [2] the change stream, [3] the
+# results stream (where a result goes when its reply_to cannot be written), [4] the results
+# counters hash; then per row [done marker, target stream, latency histogram hash].
+# ARGV: [1] group, [2] done marker TTL in ms, [3] the head of the batch's `requests_answered`
+# change event (JSON up to its answers array), [4] rows; then per row 8 values: entry id, kind
+# ("r" a result, "h" a hand-off to another stream, "a" acknowledge only), data, fallback result
+# ("" for none), answer JSON ("" for none), counter field, histogram bucket, latency in ms; then
+# the number of further entries, and those entries' data; their streams are the KEYS after the
+# rows'. Further entries (change events, a dead letter) are written whatever the rows decide.
+# A result is published, and its request marked done, only when the marker is absent: however
+# often a request is delivered, and to however many workers at once, one result carries its id.
+_PUBLISH_BATCH = """
+local group, ttl, head, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local acks, answers, counts, sums, flags = {}, {}, {}, {}, {}
+local a = 5
+for i = 1, n do
+  local k = 4 + (i - 1) * 3
+  local done, target, hist = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local mid, kind, data, fallback = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local answer, field, bucket, latency = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
+  a = a + 8
+  acks[#acks + 1] = mid
+  flags[i] = 0
+  if kind ~= 'a' and redis.call('EXISTS', done) == 0 then
+    if kind == 'h' then
+      redis.call('XADD', target, '*', 'data', data)
+      flags[i] = 1
+    else
+      if fallback == '' then
+        redis.call('XADD', target, '*', 'data', data)
+      else
+        local ok = redis.pcall('XADD', target, '*', 'data', data)
+        if type(ok) == 'table' and ok.err then
+          redis.call('XADD', KEYS[3], '*', 'data', fallback)
+          flags[i] = 2
+        end
+      end
+      if flags[i] == 0 then flags[i] = 1 end
+      redis.call('SET', done, mid, 'PX', ttl)
+      if answer ~= '' then answers[#answers + 1] = answer end
+      if field ~= '' then
+        counts[field] = (counts[field] or 0) + 1
+        local h = sums[hist]
+        if h == nil then h = {sum = 0, buckets = {}}; sums[hist] = h end
+        h.sum = h.sum + tonumber(latency)
+        h.buckets[bucket] = (h.buckets[bucket] or 0) + 1
+      end
+    end
+  end
+end
+if #acks > 0 then redis.call('XACK', KEYS[1], group, unpack(acks)) end
+for field, c in pairs(counts) do redis.call('HINCRBYFLOAT', KEYS[4], field, c) end
+for hist, h in pairs(sums) do
+  for bucket, c in pairs(h.buckets) do redis.call('HINCRBYFLOAT', hist, bucket, c) end
+  redis.call('HINCRBYFLOAT', hist, 'sum', h.sum)
+end
+if #answers > 0 then
+  redis.call('XADD', KEYS[2], '*', 'data', head .. table.concat(answers, ',') .. ']}')
+end
+local m = tonumber(ARGV[a])
+for j = 1, m do redis.call('XADD', KEYS[4 + n * 3 + j], '*', 'data', ARGV[a + j]) end
+return flags
+"""
+
+PUBLISHED, TO_FALLBACK = 1, 2  # what publish_batch says of a row; 0: not published (answered)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One row of a batch to publish: a result (once per request id), a hand-off of the entry
+    to another stream, or a plain acknowledgement."""
+
+    message_id: str  # the entry of the stream read that this row acknowledges
+    done_key: str
+    stream: str = ""  # where `data` goes: a results stream, or the stream handed off to
+    data: str = ""
+    kind: str = "r"  # "r" result, "h" hand-off, "a" acknowledge only
+    fallback: str = ""  # the result for the results stream when `stream` cannot be written
+    answer: str = ""  # this answer's JSON in the batch's `requests_answered` change event
+    counter: str = ""  # the results counter field ("tier|status"), "" for none
+    histogram: str = ""  # the latency histogram hash
+    bucket: int = 0
+    latency_ms: float = 0.0
+
+
 class Publisher:
-    """Publishes outcomes and acknowledges what they answer, each in one MULTI/EXEC."""
+    """Publishes outcomes and acknowledges what they answer: a batch in one script call."""
 
     def __init__(self, redis: aioredis.Redis, *, dead_letter_stream: str, changes_stream: str,
-                 done_ttl: timedelta) -> None:
+                 results_stream: str, metrics_results: str, done_ttl: timedelta,
+                 durable: bool = False) -> None:
         self.redis = redis
         self.dead_letter_stream = dead_letter_stream
         self.changes_stream = changes_stream
+        self.results_stream = results_stream
+        self.metrics_results = metrics_results
         self.done_ttl = done_ttl
+        self.durable = durable
+        self._script = redis.register_script(_PUBLISH_BATCH)
 
     async def already_done(self, done_key: str) -> bool:
         return bool(await self.redis.exists(done_key))
 
     async def ack(self, source: Source, message_id: str) -> None:
         await self.redis.xack(source.stream, source.group, message_id)
+
+    async def publish(self, source: Source, rows: Sequence[Outgoing], *,
+                      changes: Sequence[str] = (),
+                      extra: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """Publish a batch atomically; per row PUBLISHED, TO_FALLBACK (the reply_to could not be
+        written: the result went to the results stream) or 0 (answered before: acked only).
+        `changes` (to the change stream) and `extra` ((stream, data) pairs) are written
+        whatever the rows decide: they record what happened (to the cache, a dead letter).
+
+        Durable mode waits, on the same connection, until the server's append-only file has
+        the batch (`WAITAOF 1 0`) before the batch counts as done."""
+        keys = [source.stream, self.changes_stream, self.results_stream, self.metrics_results]
+        head = f'{{"type":"requests_answered","entry_id":"","at":{time.time()},"answers":['
+        args: list[str | int | float] = [source.group, millis(self.done_ttl), head, len(rows)]
+        for row in rows:
+            keys += [row.done_key, row.stream or self.results_stream,
+                     row.histogram or self.metrics_results]
+            args += [row.message_id, row.kind, row.data, row.fallback, row.answer, row.counter,
+                     row.bucket, row.latency_ms]
+        further = [*((self.changes_stream, c) for c in changes), *extra]
+        keys += [stream for stream, _ in further]
+        args.append(len(further))
+        args += [data for _, data in further]
+        if not self.durable:
+            flags = await self._script(keys=keys, args=args)
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                await self._script(keys=keys, args=args, client=pipe)
+                pipe.execute_command("WAITAOF", 1, 0)
+                flags, synced = await pipe.execute()
+            if not synced or int(synced[0]) < 1:
+                raise DurabilityError("the streams server did not confirm the batch in its "
+                                      "append-only file (is appendonly on?)")
+        return [int(f) for f in flags]
 
     async def hand_off(self, source: Source, message_id: str, stream: str, data: str) -> None:
         """Move an entry to another stream: XADD there + XACK here, atomically."""
@@ -149,59 +303,17 @@ class Publisher:
             pipe.xack(source.stream, source.group, message_id)
             await pipe.execute()
 
-    async def publish_result(self, source: Source, message_id: str, *, done_key: str,
-                             stream: str, data: str, changes: Sequence[str] = (),
-                             counters: Sequence[tuple[str, str, float]] = ()) -> bool:
-        """XADD result + XACK + mark done, atomically; False when the request was answered before.
-
-        WATCH on the done key makes a concurrent duplicate (the same request_id delivered twice,
-        to two workers) lose the race instead of publishing a second result. No other
-        connection is taken while the WATCH holds one (a full pool would deadlock).
-        """
-        published = False
-        async with self.redis.pipeline(transaction=True) as pipe:
-            try:
-                await pipe.watch(done_key)
-                if not await pipe.exists(done_key):
-                    pipe.multi()
-                    pipe.xadd(stream, {"data": data})
-                    pipe.xack(source.stream, source.group, message_id)
-                    pipe.set(done_key, message_id, ex=self.done_ttl)
-                    for change in changes:
-                        pipe.xadd(self.changes_stream, {"data": change})
-                    for key, name, amount in counters:  # (hash, field, increment)
-                        pipe.hincrbyfloat(key, name, amount)
-                    await pipe.execute()
-                    published = True
-            except WatchError:
-                pass
-        if not published:
-            await self.ack(source, message_id)
-        return published
-
     async def dead_letter(self, source: Source, message_id: str, *, data: str,
-                          result: tuple[str, str, str] | None = None) -> None:
-        """XADD dead letter + XACK; with `result` = (stream, data, done_key) the request also
-        gets its one `failed` result, unless it was answered before."""
-        raced = False
-        async with self.redis.pipeline(transaction=True) as pipe:
-            answered = False
-            if result is not None:
-                await pipe.watch(result[2])
-                answered = bool(await pipe.exists(result[2]))
-                pipe.multi()
-            pipe.xadd(self.dead_letter_stream, {"data": data})
-            pipe.xack(source.stream, source.group, message_id)
-            if result is not None and not answered:
-                stream, payload, done_key = result
-                pipe.xadd(stream, {"data": payload})
-                pipe.set(done_key, message_id, ex=self.done_ttl)
-            try:
+                          result: Outgoing | None = None) -> list[int]:
+        """XADD the dead letter + XACK; with `result` (a row of kind "r") the request also gets
+        its one `failed` result, unless it was answered before. One script call."""
+        if result is None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(self.dead_letter_stream, {"data": data})
+                pipe.xack(source.stream, source.group, message_id)
                 await pipe.execute()
-            except WatchError:
-                raced = True
-        if raced:  # answered meanwhile: dead-letter without a second result
-            await self.dead_letter(source, message_id, data=data)
+            return []
+        return await self.publish(source, [result], extra=[(self.dead_letter_stream, data)])
 
 
 def now_ms() -> float:

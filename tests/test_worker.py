@@ -250,10 +250,51 @@ async def test_entries_without_a_usable_id_are_dead_lettered_and_the_worker_goes
 
 
 async def test_reply_to_stream_receives_the_result(redis, keys, settings):
-    await send(redis, keys.requests, request_id="rt", prompt="a kite", reply_to=f"{keys.prefix}:mine")
+    await send(redis, keys.requests, request_id="rt", prompt="a kite", reply_to=f"app-{keys.prefix}:mine")
     await worker_for(settings, redis, CountingGenerator()).run(burst=True)
-    assert [r.request_id for r in await results(redis, f"{keys.prefix}:mine")] == ["rt"]
+    assert [r.request_id for r in await results(redis, f"app-{keys.prefix}:mine")] == ["rt"]
     assert await results(redis, keys.results) == []
+
+
+async def test_reply_to_inside_the_service_prefix_is_rejected(redis, keys, settings):
+    """A reply_to naming one of the service's own keys would let a producer write into them."""
+    await send(redis, keys.requests, request_id="own", prompt="a kite", reply_to=keys.requests)
+    await worker_for(settings, redis, CountingGenerator()).run(burst=True)
+    [result] = await results_for(redis, keys.results, "own")
+    assert result.status == "rejected" and result.error.code == "invalid_request"
+    assert "reply_to" in result.error.message
+
+
+async def test_unwritable_reply_to_falls_back_to_the_results_stream(redis, keys, settings):
+    """A reply_to that is not a stream (WRONGTYPE) must not lose the answer nor stop the batch."""
+    await redis.set(f"app-{keys.prefix}:a-string", "x")
+    await send(redis, keys.requests, request_id="bad-reply", prompt="a kite",
+               reply_to=f"app-{keys.prefix}:a-string")
+    await send(redis, keys.requests, request_id="fine", prompt="a kite")
+    await worker_for(settings, redis, CountingGenerator()).run(burst=True)
+    [fallback] = await results_for(redis, keys.results, "bad-reply")
+    assert fallback.status == "ok" and fallback.error is not None
+    assert fallback.error.code == "reply_to_unwritable"
+    assert [r.status for r in await results_for(redis, keys.results, "fine")] == ["ok"]
+    assert (await redis.xpending(keys.requests, REQUESTS_GROUP))["pending"] == 0
+
+
+async def test_a_redelivered_batch_is_answered_once(redis, keys, settings):
+    """Requests answered but not acked (a crash between publish and ack) get no second result."""
+    gen = CountingGenerator()
+    await send(redis, keys.requests, request_id="warm", prompt="a kite")
+    await worker_for(settings, redis, gen).run(burst=True)
+    ids = [f"hit-{i}" for i in range(5)]
+    for rid in ids:
+        await send(redis, keys.requests, request_id=rid, prompt="a kite")
+    await worker_for(settings, redis, gen).run(burst=True)
+    # Replay the same entries as though their acks were lost: same request ids, new stream ids.
+    for rid in ids:
+        await send(redis, keys.requests, request_id=rid, prompt="a kite")
+    await worker_for(settings, redis, gen).run(burst=True)
+    for rid in ids:
+        assert [r.status for r in await results_for(redis, keys.results, rid)] == ["ok"]
+    assert len(gen.calls) == 1
 
 
 async def test_cache_options_bypass_and_refresh(redis, keys, settings):

@@ -59,6 +59,24 @@ class ExactCache:
             await self.delete(cache_key)  # a record we cannot read is a miss, not an error
             return None
 
+    async def get_many(self, cache_keys: list[str]) -> dict[str, CacheEntry | None]:
+        """Several keys in one round trip (each TTL refreshed, as `get`)."""
+        unique = list(dict.fromkeys(cache_keys))
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in unique:
+                    pipe.getex(self.keys.exact(key), ex=self.ttl)
+                replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"cache store unavailable: {exc}") from exc
+        found: dict[str, CacheEntry | None] = {}
+        for key, raw in zip(unique, replies, strict=True):
+            try:
+                found[key] = None if raw is None else CacheEntry.from_json(raw)
+            except (ValueError, TypeError):
+                found[key] = None  # unreadable: a miss; `get` deletes it when it meets it
+        return found
+
     async def put(self, cache_key: str, entry: CacheEntry) -> None:
         try:
             await self.redis.set(self.keys.exact(cache_key), entry.to_json(), ex=self.ttl)
