@@ -1,8 +1,9 @@
 """The janitor: one active at a time (a lock with a TTL; a crashed one is replaced within it).
 
 Each pass:
-- records uses from `entry_hit` change events (its own group `janitor` on the change stream) in
-  the LRU index;
+- records uses from `requests_answered` (and older `entry_hit`) change events, read by the shared
+  group loop (its own group `janitor` on the change stream), in the LRU index; this part runs
+  on every janitor, the lock guards only the passes below;
 - TTL: evicts entries unused for `ttl` (registry, exact key, blob files, and, through an
   `entry_evicted` change event, the PostgreSQL row) — work proportional to what expired;
 - storage cap: above the high watermark (95% of the limit) evicts least recently used entries
@@ -27,23 +28,14 @@ from redis.exceptions import RedisError
 from promptcache.cache.registry import EntryRegistry, Eviction
 from promptcache.keys import JANITOR_GROUP, Keys
 from promptcache.storage.blobs import BlobStore
-from promptcache.streams import GroupReader
+from consumers.group import GroupLoop, Stopper
+from promptcache.streams import Delivery, GroupReader, next_id, older_id
 from schemas.events import ChangeEvent
 
 log = structlog.get_logger(__name__)
 
 HIGH_WATERMARK = 0.95
 LOW_WATERMARK = 0.90
-
-
-def _next_id(message_id: str) -> str:
-    ms, _, seq = message_id.partition("-")
-    return f"{ms}-{int(seq or 0) + 1}"
-
-
-def _older(a: str, b: str) -> str:
-    key = lambda m: tuple(int(x) for x in m.split("-"))  # noqa: E731
-    return a if key(a) <= key(b) else b
 
 
 def _text(value: object) -> str:
@@ -58,12 +50,12 @@ async def safe_trim_id(redis: aioredis.Redis, stream: str) -> str | None:
         return None
     floor: str | None = None
     for group in groups:
-        candidate = _next_id(_text(group["last-delivered-id"]))
+        candidate = next_id(_text(group["last-delivered-id"]))
         if group["pending"]:
             summary = await redis.xpending(stream, group["name"])
             if summary["min"] is not None:  # acked since XINFO: nothing lower is needed
-                candidate = _older(_text(summary["min"]), candidate)
-        floor = candidate if floor is None else _older(floor, candidate)
+                candidate = older_id(_text(summary["min"]), candidate)
+        floor = candidate if floor is None else older_id(floor, candidate)
     return floor
 
 
@@ -94,12 +86,16 @@ class Janitor:
         self.orphan_interval = orphan_interval
         self.reader = GroupReader(redis, keys.changes, JANITOR_GROUP, consumer,
                                   claim_idle=timedelta(seconds=60), block=block)
-        self._stopping = asyncio.Event()
+        self.stopper = Stopper()
+        self.loop = GroupLoop(self.reader, self.record_uses, name="janitor", batch_size=500,
+                              capacity=500, stopper=self.stopper,
+                              claim_idle=timedelta(seconds=60))
         self.trimmed = 0
         self.evicted: dict[str, int] = {}
+        self.uses_recorded = 0
 
     def stop(self) -> None:
-        self._stopping.set()
+        self.stopper.stop()
 
     async def _hold_lock(self) -> bool:
         """Take or extend the one-janitor lock; False when another janitor holds it."""
@@ -114,54 +110,85 @@ class Janitor:
         return False
 
     async def run(self, *, burst: bool = False) -> None:
-        await self.reader.ensure_group()
+        """Record uses continuously; while holding the lock, run the passes every `interval`.
+        With burst=True: record every use waiting, run the passes once, return."""
+        await self.loop.ensure_group()
         log.info("janitor_started", consumer=self.consumer, group=JANITOR_GROUP)
-        next_pass = next_sweep = 0.0
         try:
-            while not self._stopping.is_set():
-                try:
-                    if not await self._hold_lock():
-                        await self._pause(min(self.lock_ttl.total_seconds() / 3, 5.0))
-                        continue
-                    if time.monotonic() >= next_sweep:
-                        await self.sweep_orphans()
-                        next_sweep = time.monotonic() + self.orphan_interval.total_seconds()
-                    touched = await self.record_uses()
-                    if time.monotonic() >= next_pass:
-                        await self.enforce()
-                        await self.trim_streams()
-                        await self.remove_dead_consumers()
-                        next_pass = time.monotonic() + self.interval.total_seconds()
-                    if burst and not touched:
-                        return
-                except (RedisError, OSError) as exc:
-                    log.warning("janitor_redis_error", error=str(exc))
-                    await self._pause(1.0)
-        finally:
+            if burst:
+                await self.loop.run(burst=True)
+                await self._passes(sweep=True)
+                return
+            uses = asyncio.create_task(self.loop.run())
             try:
-                holder = await self.redis.get(self.keys.janitor_lock)
-                if holder is not None and holder.decode() == self.consumer:
-                    await self.redis.delete(self.keys.janitor_lock)
-            except RedisError:
-                pass
-            log.info("janitor_stopped", consumer=self.consumer, evicted=self.evicted)
+                await self._maintain()
+            finally:
+                self.stopper.stop()
+                await uses
+        finally:
+            await self._release_lock()
+            log.info("janitor_stopped", consumer=self.consumer, evicted=self.evicted,
+                     uses_recorded=self.uses_recorded)
 
-    async def record_uses(self) -> int:
-        """Read a batch of change events; hits move their entry up the LRU index."""
-        deliveries = await self.reader.read(500)
+    async def _maintain(self) -> None:
+        next_pass = next_sweep = 0.0
+        lock_check = min(self.lock_ttl.total_seconds() / 3, 5.0)
+        while not self.stopper.stopping:
+            try:
+                if await self._hold_lock():
+                    now = time.monotonic()
+                    if now >= next_pass:
+                        sweep = now >= next_sweep
+                        await self._passes(sweep=sweep)
+                        if sweep:
+                            next_sweep = now + self.orphan_interval.total_seconds()
+                        next_pass = now + self.interval.total_seconds()
+                await self.stopper.sleep(min(lock_check, self.interval.total_seconds()))
+            except (RedisError, OSError) as exc:
+                log.warning("janitor_redis_error", error=str(exc))
+                await self.stopper.sleep(1.0)
+
+    async def _passes(self, *, sweep: bool) -> None:
+        if not await self._hold_lock():
+            return
+        if sweep:
+            await self.sweep_orphans()
+        await self.enforce()
+        await self.trim_streams()
+        await self.remove_dead_consumers()
+
+    async def _release_lock(self) -> None:
+        try:
+            holder = await self.redis.get(self.keys.janitor_lock)
+            if holder is not None and holder.decode() == self.consumer:
+                await self.redis.delete(self.keys.janitor_lock)
+        except RedisError:
+            pass
+
+    async def record_uses(self, deliveries: list[Delivery]) -> None:
+        """A batch of change events: each answer or hit that names an entry moves it up the
+        LRU index (to the latest time it was used)."""
         uses: dict[str, float] = {}
+
+        def used(entry_id: str | None, at: float) -> None:
+            if entry_id:
+                uses[entry_id] = max(uses.get(entry_id, 0.0), at)
+
         for delivery in deliveries:
             try:
                 event = ChangeEvent.model_validate_json(delivery.fields.get(b"data", b""))
             except ValidationError:
                 continue
             if event.type == "entry_hit":
-                uses[event.entry_id] = max(uses.get(event.entry_id, 0.0), event.at)
+                used(event.entry_id, event.at)
+            elif event.type == "requests_answered":
+                for answer in event.answers or ():
+                    if answer.status == "ok":
+                        used(answer.entry_id, event.at)
         if self.registry is not None and uses:
             await self.registry.touch(uses)
-        if deliveries:
-            await self.reader.ack(*[d.message_id for d in deliveries])
-        return len(deliveries)
+            self.uses_recorded += len(uses)
+        await self.reader.ack(*[d.message_id for d in deliveries])
 
     async def enforce(self) -> None:
         """TTL, then the storage cap."""
@@ -212,7 +239,7 @@ class Janitor:
             floor = await safe_trim_id(self.redis, stream)
             if floor is not None and stream == self.keys.changes:  # and kept for a while
                 kept = int((time.time() - self.changes_retention.total_seconds()) * 1000)
-                floor = _older(floor, f"{kept}-0")
+                floor = older_id(floor, f"{kept}-0")
             if floor is not None:
                 self.trimmed += await self.redis.xtrim(stream, minid=floor, approximate=False)
         cutoff = int((time.time() - self.results_retention.total_seconds()) * 1000)
@@ -236,9 +263,3 @@ class Janitor:
         if removed:
             log.info("dead_consumers_removed", count=removed)
         return removed
-
-    async def _pause(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
