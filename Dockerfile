@@ -18,7 +18,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY schemas ./schemas
+COPY promptcache ./promptcache
 COPY consumers ./consumers
+COPY ops ./ops
 COPY migrations ./migrations
 RUN pip install . \
     && useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin promptcache \

@@ -29,7 +29,7 @@ from promptcache.cache.registry import EntryRegistry, Eviction
 from promptcache.keys import JANITOR_GROUP, Keys
 from promptcache.storage.blobs import BlobStore
 from consumers.group import GroupLoop, Stopper
-from promptcache.streams import Delivery, GroupReader, next_id, older_id
+from promptcache.streams import Delivery, GroupReader, flush_outbox, next_id, older_id
 from schemas.events import ChangeEvent
 
 log = structlog.get_logger(__name__)
@@ -153,6 +153,7 @@ class Janitor:
             return
         if sweep:
             await self.sweep_orphans()
+        await flush_outbox(self.redis, self.keys.outbox, self.keys.results)
         await self.enforce()
         await self.trim_streams()
         await self.remove_dead_consumers()

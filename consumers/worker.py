@@ -117,7 +117,7 @@ class Worker:
         self.publisher = Publisher(redis, dead_letter_stream=keys.dead_letter,
                                    changes_stream=keys.changes, results_stream=keys.results,
                                    metrics_results=keys.metrics_results, done_ttl=done_ttl,
-                                   durable=durable_results)
+                                   outbox=keys.outbox, durable=durable_results)
         self.counters: Counter[str] = Counter()
 
     def stop(self) -> None:
@@ -129,6 +129,8 @@ class Worker:
         log.info("worker_started", consumer=self.consumer, stream=self.keys.requests)
         for stage in (self.fast, self.slow):
             await stage.ensure_group()
+        if self.publisher.durable:  # a durable worker that died between its two steps
+            await self._retrying(self.publisher.flush_stale)
         helpers = [asyncio.create_task(self.fast.renew_leases()),
                    asyncio.create_task(self.slow.renew_leases()),
                    asyncio.create_task(self._report_health())]

@@ -36,6 +36,12 @@ class Keys:
     def changes(self) -> str:
         return f"{self.prefix}:changes"
 
+    @property
+    def outbox(self) -> str:
+        """Durable mode: results staged (with their requests marked done and acked) until the
+        server's append-only file has them, then published."""
+        return f"{self.prefix}:outbox"
+
     def done(self, request_id: str) -> str:
         return f"{self.prefix}:done:{request_id}"
 

@@ -5,6 +5,7 @@ Knows stream ids and Redis, nothing about prompts or images.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -158,9 +159,11 @@ class Source:
 
 # One batch of answers, atomically. KEYS: [1] the stream read, [2] the change stream, [3] the
 # results stream (where a result goes when its reply_to cannot be written), [4] the results
-# counters hash; then per row [done marker, target stream, latency histogram hash].
+# counters hash, [5] the outbox; then per row [done marker, target stream, latency histogram hash].
 # ARGV: [1] group, [2] done marker TTL in ms, [3] the head of the batch's `requests_answered`
-# change event (JSON up to its answers array), [4] rows; then per row 8 values: entry id, kind
+# change event (JSON up to its answers array), [4] "1" to stage results in the outbox instead of
+# publishing them (durable mode: `_FLUSH_OUTBOX` publishes them once the append-only file has
+# the batch), [5] rows; then per row 8 values: entry id, kind
 # ("r" a result, "h" a hand-off to another stream, "a" acknowledge only), data, fallback result
 # ("" for none), answer JSON ("" for none), counter field, histogram bucket, latency in ms; then
 # the number of further entries, and those entries' data; their streams are the KEYS after the
@@ -168,11 +171,13 @@ class Source:
 # A result is published, and its request marked done, only when the marker is absent: however
 # often a request is delivered, and to however many workers at once, one result carries its id.
 _PUBLISH_BATCH = """
-local group, ttl, head, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local group, ttl, head, stage = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1'
+local n = tonumber(ARGV[5])
 local acks, answers, counts, sums, flags = {}, {}, {}, {}, {}
-local a = 5
+local staged_at = redis.call('TIME')[1]
+local a = 6
 for i = 1, n do
-  local k = 4 + (i - 1) * 3
+  local k = 5 + (i - 1) * 3
   local done, target, hist = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local mid, kind, data, fallback = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local answer, field, bucket, latency = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
@@ -184,7 +189,9 @@ for i = 1, n do
       redis.call('XADD', target, '*', 'data', data)
       flags[i] = 1
     else
-      if fallback == '' then
+      if stage then
+        redis.call('HSET', KEYS[5], done, cjson.encode({target, data, fallback, staged_at}))
+      elseif fallback == '' then
         redis.call('XADD', target, '*', 'data', data)
       else
         local ok = redis.pcall('XADD', target, '*', 'data', data)
@@ -216,10 +223,36 @@ if #answers > 0 then
   redis.call('XADD', KEYS[2], '*', 'data', head .. table.concat(answers, ',') .. ']}')
 end
 local m = tonumber(ARGV[a])
-for j = 1, m do redis.call('XADD', KEYS[4 + n * 3 + j], '*', 'data', ARGV[a + j]) end
+for j = 1, m do redis.call('XADD', KEYS[5 + n * 3 + j], '*', 'data', ARGV[a + j]) end
 return flags
 """
 
+# Durable mode's second step: publish staged results. KEYS: [1] the outbox, [2] the results
+# stream; ARGV: the staged rows' fields (their done markers). A row is published by whoever
+# removes it from the outbox, so a worker and a recovery pass never both publish it. Returns
+# per row 0 (already published), 1 or 2 (its reply_to could not be written: the fallback went
+# to the results stream).
+_FLUSH_OUTBOX = """
+local flags = {}
+for i, field in ipairs(ARGV) do
+  flags[i] = 0
+  local staged = redis.call('HGET', KEYS[1], field)
+  if staged then
+    redis.call('HDEL', KEYS[1], field)
+    local row = cjson.decode(staged)
+    local ok = redis.pcall('XADD', row[1], '*', 'data', row[2])
+    flags[i] = 1
+    if type(ok) == 'table' and ok.err then
+      if row[3] == '' then return redis.error_reply(ok.err) end
+      redis.call('XADD', KEYS[2], '*', 'data', row[3])
+      flags[i] = 2
+    end
+  end
+end
+return flags
+"""
+
+WAITAOF_TIMEOUT_MS = 5000  # durable mode: how long a batch may wait for its fsync
 PUBLISHED, TO_FALLBACK = 1, 2  # what publish_batch says of a row; 0: not published (answered)
 
 
@@ -246,15 +279,17 @@ class Publisher:
 
     def __init__(self, redis: aioredis.Redis, *, dead_letter_stream: str, changes_stream: str,
                  results_stream: str, metrics_results: str, done_ttl: timedelta,
-                 durable: bool = False) -> None:
+                 outbox: str, durable: bool = False) -> None:
         self.redis = redis
         self.dead_letter_stream = dead_letter_stream
         self.changes_stream = changes_stream
         self.results_stream = results_stream
         self.metrics_results = metrics_results
         self.done_ttl = done_ttl
+        self.outbox = outbox
         self.durable = durable
         self._script = redis.register_script(_PUBLISH_BATCH)
+        self._flush = redis.register_script(_FLUSH_OUTBOX)
 
     async def already_done(self, done_key: str) -> bool:
         return bool(await self.redis.exists(done_key))
@@ -270,11 +305,17 @@ class Publisher:
         `changes` (to the change stream) and `extra` ((stream, data) pairs) are written
         whatever the rows decide: they record what happened (to the cache, a dead letter).
 
-        Durable mode waits, on the same connection, until the server's append-only file has
-        the batch (`WAITAOF 1 0`) before the batch counts as done."""
-        keys = [source.stream, self.changes_stream, self.results_stream, self.metrics_results]
+        Durable mode publishes in two steps. The script marks the batch's requests done, acks
+        them, counts them and stages their results in the outbox; then, on the same connection,
+        `WAITAOF 1 0` waits until the server's append-only file has all that; only then are the
+        results moved from the outbox to their streams. No reader sees a result the file does
+        not hold. A crash between the steps leaves the results staged: `flush_stale` (worker
+        start, every janitor pass) publishes them."""
+        keys = [source.stream, self.changes_stream, self.results_stream, self.metrics_results,
+                self.outbox]
         head = f'{{"type":"requests_answered","entry_id":"","at":{time.time()},"answers":['
-        args: list[str | int | float] = [source.group, millis(self.done_ttl), head, len(rows)]
+        args: list[str | int | float] = [source.group, millis(self.done_ttl), head,
+                                         "1" if self.durable else "0", len(rows)]
         for row in rows:
             keys += [row.done_key, row.stream or self.results_stream,
                      row.histogram or self.metrics_results]
@@ -285,16 +326,26 @@ class Publisher:
         args.append(len(further))
         args += [data for _, data in further]
         if not self.durable:
-            flags = await self._script(keys=keys, args=args)
-        else:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                await self._script(keys=keys, args=args, client=pipe)
-                pipe.execute_command("WAITAOF", 1, 0)
-                flags, synced = await pipe.execute()
-            if not synced or int(synced[0]) < 1:
-                raise DurabilityError("the streams server did not confirm the batch in its "
-                                      "append-only file (is appendonly on?)")
-        return [int(f) for f in flags]
+            return [int(f) for f in await self._script(keys=keys, args=args)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self._script(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS)
+            flags, synced = await pipe.execute()
+        if not synced or int(synced[0]) < 1:
+            raise DurabilityError("the streams server did not confirm the batch in its "
+                                  "append-only file (is appendonly on?)")
+        staged = [(i, row.done_key) for i, (row, f) in enumerate(zip(rows, flags, strict=True))
+                  if f and row.kind == "r"]
+        flags = [int(f) for f in flags]
+        if staged:
+            published = await self._flush(keys=[self.outbox, self.results_stream],
+                                          args=[done for _, done in staged])
+            for (i, _), f in zip(staged, published, strict=True):
+                flags[i] = int(f) or flags[i]
+        return flags
+
+    async def flush_stale(self, older_than: timedelta = timedelta(seconds=10)) -> int:
+        return await flush_outbox(self.redis, self.outbox, self.results_stream, older_than)
 
     async def hand_off(self, source: Source, message_id: str, stream: str, data: str) -> None:
         """Move an entry to another stream: XADD there + XACK here, atomically."""
@@ -314,6 +365,22 @@ class Publisher:
                 await pipe.execute()
             return []
         return await self.publish(source, [result], extra=[(self.dead_letter_stream, data)])
+
+
+async def flush_outbox(redis: aioredis.Redis, outbox: str, results_stream: str,
+                       older_than: timedelta = timedelta(seconds=10)) -> int:
+    """Publish durable-mode results staged longer ago than `older_than` (a worker died between
+    its two steps); younger rows may still be waiting for their fsync. Returns how many."""
+    staged = await redis.hgetall(outbox)
+    cutoff = time.time() - older_than.total_seconds()
+    stale = [field for field, value in staged.items() if float(json.loads(value)[3]) <= cutoff]
+    if not stale:
+        return 0
+    flags = await redis.register_script(_FLUSH_OUTBOX)(keys=[outbox, results_stream], args=stale)
+    published = sum(1 for f in flags if f)
+    if published:
+        log.warning("staged_results_published", count=published, outbox=outbox)
+    return published
 
 
 def now_ms() -> float:

@@ -392,3 +392,55 @@ async def test_a_regenerated_flagged_image_is_not_served(redis, keys, settings):
     assert second.status == "failed" and second.error is not None
     assert second.error.code == "image_flagged" and second.image_url is None
     assert len(gen.calls) == 2
+
+
+async def test_durable_results_are_published_once_and_leave_nothing_staged(redis, keys, settings):
+    """PROMPTCACHE_DURABLE_RESULTS: the same answers, through the outbox and WAITAOF."""
+    durable = settings.model_copy(update={"durable_results": True})
+    gen = CountingGenerator()
+    for i in range(3):
+        await send(redis, keys.requests, request_id=f"d{i}", prompt="a lighthouse at dusk")
+    await worker_for(durable, redis, gen).run(burst=True)
+    got = await results(redis, keys.results)
+    assert sorted(r.request_id for r in got) == ["d0", "d1", "d2"]
+    assert sorted(r.cache or "" for r in got) == ["coalesced", "coalesced", "miss"]
+    await send(redis, keys.requests, request_id="d3", prompt="a lighthouse at dusk")
+    await worker_for(durable, redis, gen).run(burst=True)
+    assert [r.cache for r in await results_for(redis, keys.results, "d3")] == ["exact"]
+    assert await redis.hlen(keys.outbox) == 0
+    assert len(gen.calls) == 1
+
+
+async def test_durable_results_stay_unseen_until_on_disk_and_survive_a_crash_between_steps(
+        redis, keys):
+    """A worker that dies after staging (requests done and acked, file synced) but before
+    publishing: no reader saw the results; a recovery pass publishes each exactly once."""
+    from datetime import timedelta
+
+    from promptcache.streams import Outgoing, Publisher, Source, flush_outbox
+
+    await ensure_group(redis, keys.requests, REQUESTS_GROUP)
+    for i in range(2):
+        await send(redis, keys.requests, request_id=f"s{i}", prompt="x")
+    read = await redis.xreadgroup(REQUESTS_GROUP, "w", {keys.requests: ">"}, count=10)
+    mids = [m.decode() for m, _ in read[0][1]]
+    publisher = Publisher(redis, dead_letter_stream=keys.dead_letter, changes_stream=keys.changes,
+                          results_stream=keys.results, metrics_results=keys.metrics_results,
+                          done_ttl=timedelta(hours=1), outbox=keys.outbox, durable=True)
+
+    async def crash(**_: object) -> list[int]:
+        raise ConnectionError("worker killed between staging and publishing")
+
+    publisher._flush = crash  # type: ignore[assignment]
+    rows = [Outgoing(mid, keys.done(f"s{i}"), keys.results, f'{{"request_id":"s{i}"}}')
+            for i, mid in enumerate(mids)]
+    with pytest.raises(ConnectionError):
+        await publisher.publish(Source(keys.requests, REQUESTS_GROUP), rows)
+    assert await redis.xlen(keys.results) == 0  # nothing visible before the second step
+    assert (await redis.xpending(keys.requests, REQUESTS_GROUP))["pending"] == 0
+    assert await redis.exists(keys.done("s0"), keys.done("s1")) == 2
+    assert await flush_outbox(redis, keys.outbox, keys.results, timedelta(hours=1)) == 0  # young
+    assert await flush_outbox(redis, keys.outbox, keys.results, timedelta(0)) == 2
+    assert await flush_outbox(redis, keys.outbox, keys.results, timedelta(0)) == 0
+    data = sorted(f[b"data"].decode() for _, f in await redis.xrange(keys.results))
+    assert data == ['{"request_id":"s0"}', '{"request_id":"s1"}']
