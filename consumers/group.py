@@ -119,6 +119,16 @@ class GroupLoop:
                     self.held.setdefault(d.message_id, None)
                 try:
                     await self.handle(deliveries)
+                except UNREACHABLE as exc:  # the batch stays pending: re-read or claimed later
+                    log.warning("redis_unreachable", stage=self.name, error=str(exc),
+                                retry_in=backoff, batch=len(deliveries))
+                    await self.stopper.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                except Exception as exc:  # noqa: BLE001 - the loop outlives any one batch
+                    log.exception("batch_failed_left_pending", stage=self.name, error=str(exc),
+                                  batch=len(deliveries))
+                    await self.stopper.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
                 finally:
                     for d in deliveries:  # what the handler did not hand to a task is done
                         if self.held.get(d.message_id, 0) is None:

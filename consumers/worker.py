@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from consumers.group import GroupLoop, Stopper
+from consumers.group import UNREACHABLE, GroupLoop, Stopper
 from promptcache import intake
 from promptcache.errors import GenerationFailed, PipelineError, RequestRejected
 from promptcache.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
@@ -346,6 +346,10 @@ class Worker:
             await work
         except asyncio.CancelledError:
             raise
+        except UNREACHABLE as exc:  # an outage: no traceback per request
+            self.counters["retry_later"] += 1
+            log.warning("redis_unreachable_left_pending", error=str(exc),
+                        message_id=delivery.message_id)
         except Exception as exc:  # noqa: BLE001
             self.counters["retry_later"] += 1
             log.exception("processing_failed_left_pending", error=str(exc),

@@ -195,8 +195,10 @@ def test_streams_redis_killed_and_restarted_with_aof_loses_nothing(tmp_path, key
     server = EmbeddedValkey(tmp_path / "valkey").start()
     env = _env(tmp_path, REDIS_URL=server.url, PROMPTCACHE_PREFIX=keys.prefix,
                PROMPTCACHE_GENERATOR_LATENCY_MS="300", PROMPTCACHE_CLAIM_IDLE="2s")
+    # its log goes to a file: a pipe nobody reads fills up during the outage and blocks it
+    log_file = (tmp_path / "worker.log").open("w")
     worker = subprocess.Popen([sys.executable, "-m", "ops", "worker"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=log_file, text=True)
     try:
         r = syncredis.Redis.from_url(server.url)
         for i in range(20):
