@@ -128,8 +128,8 @@ class Pipeline:
         self.similar_flights = similar_flights  # rewrites of a prompt in flight wait for it
         self.publish_changes = publish_changes
         cap = registry.limit_bytes if registry is not None else _DEFAULT_CAP
-        self.bypass = bypass or BypassImages(blobs, registry, keep_s=BYPASS_KEEP_S,
-                                             budget_bytes=int(cap * BYPASS_SHARE))
+        self.bypass = bypass if bypass is not None else BypassImages(
+            blobs, registry, keep_s=BYPASS_KEEP_S, budget_bytes=int(cap * BYPASS_SHARE))
         # prepare() memoised: the same prompt, negative, params and optimize flag always give
         # the same keys, so a repeat costs a dict lookup instead of the optimizer and hashing
         self._prepared: OrderedDict[_PrepareKey, Prepared] = OrderedDict()

@@ -47,15 +47,14 @@ class BypassImages:
         if previous is None:
             self.bytes += blob.image_bytes + blob.thumbnail_bytes
         self._held[blob.sha256] = (time.monotonic() + self.keep_s, blob)
-        await self.reap()
+        await self.reap(spare=blob.sha256)  # not before its client has had its answer
 
-    async def reap(self) -> None:
+    async def reap(self, spare: str | None = None) -> None:
         """Delete what has been kept long enough, and the oldest while over the budget."""
         now = time.monotonic()
         while self._held:
             sha, (until, blob) = next(iter(self._held.items()))
-            over = self.bytes > self.budget_bytes and len(self._held) > 1
-            if until > now and not over:
+            if sha == spare or (until > now and self.bytes <= self.budget_bytes):
                 return
             del self._held[sha]
             self.bytes -= blob.image_bytes + blob.thumbnail_bytes
