@@ -6,12 +6,14 @@ import asyncio
 import gc
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 
+from promptcache.cache.bypass import BypassImages
 from promptcache.cache.exact import ExactCache
 from promptcache.flight.identical import Flight
 from promptcache.cache.registry import EntryRegistry
@@ -31,6 +33,7 @@ from promptcache.semantic.tier import SemanticTier
 from promptcache.storage.blobs import BlobStore
 from promptcache.storage.db import MetadataStore
 from consumers.worker import Worker, consumer_name
+from schemas.events import ChangeEvent
 
 log = structlog.get_logger(__name__)
 
@@ -130,17 +133,37 @@ class SemanticLoop:
         await self.tier.embedder.aclose()
 
 
+# --- issue 14 (guard branch): what the pipeline needs from the process for its guarantees ---
+def pipeline_guards(settings: Settings, redis: aioredis.Redis, keys: Keys, blobs: BlobStore,
+                    entries: EntryRegistry | None) -> dict[str, Any]:
+    """Pipeline keyword arguments: `publish_changes` writes change events (evictions) to the
+    change stream at once, whatever later happens to the request; `bypass` deletes images
+    written without a registration after `bypass_keep`, at most `bypass_share` of the cap."""
+
+    async def publish_changes(events: Sequence[ChangeEvent]) -> None:
+        async with redis.pipeline(transaction=True) as pipe:
+            for event in events:
+                pipe.xadd(keys.changes, {"data": event.model_dump_json(exclude_none=True)})
+            await pipe.execute()
+
+    return {"publish_changes": publish_changes,
+            "bypass": BypassImages(blobs, entries, keep_s=settings.bypass_keep.total_seconds(),
+                                   budget_bytes=int(int(settings.storage_limit)
+                                                    * settings.bypass_share))}
+# --- end of issue 14 wiring -------------------------------------------------------------------
+
+
 def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aioredis.Redis | None,
                  generator: Generator, consumer: str | None = None,
                  semantic: SemanticTier | None = None) -> Worker:
     keys = Keys(settings.prefix)
     blobs = blob_store(settings)
+    entries = registry(cache_redis, keys, blobs, settings) if cache_redis else None
     pipeline = Pipeline(generator=generator,
                         exact=ExactCache(cache_redis, keys, settings.ttl) if cache_redis else None,
                         blobs=blobs, public_url=settings.effective_public_url,
                         thumbnail_size=settings.thumbnail_size,
-                        registry=registry(cache_redis, keys, blobs, settings) if cache_redis
-                        else None,
+                        registry=entries,
                         policy=PolicySettings(explicit=settings.policy_explicit,
                                               gore=settings.policy_gore,
                                               hate=settings.policy_hate,
@@ -150,7 +173,8 @@ def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aior
                         similar_flights=SimilarFlights(
                             cache_redis, keys, semantic,
                             max_wait_s=settings.generator_timeout.total_seconds())
-                        if cache_redis and semantic else None)
+                        if cache_redis and semantic else None,
+                        **pipeline_guards(settings, redis, keys, blobs, entries))
     return Worker(redis=redis, keys=keys, pipeline=pipeline, consumer=consumer,
                   batch_size=settings.batch_size, max_in_flight=settings.max_in_flight,
                   generation_concurrency=settings.generation_concurrency,

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     storage_limit: ByteSize = ByteSize(10 * 1000**3)
     thumbnail_size: int = 256
     cache_timeout: Duration = timedelta(milliseconds=50)  # cache store: fail fast, then bypass
+    # images written without a registration (cache store down or slow): each worker deletes
+    # its own after this, and keeps at most this share of storage_limit of them at a time
+    bypass_keep: Duration = timedelta(minutes=10)
+    bypass_share: float = Field(0.02, gt=0, le=0.5)
     # cross-worker single flight: a dead holder's lock is taken over within this
     flight_lock_ttl: Duration = timedelta(seconds=30)
 

@@ -5,6 +5,7 @@
   + GenerationFailed      the generator could not make it    -> `failed` result, ack
     - GenerationRejected  the generator said no for good (400, moderation)
     - GeneratorTimeout, GeneratorUnavailable (after the adapter's own retries)
+    - ImageTooLarge       the image alone is larger than the storage cap
   + CacheUnavailable      the cache store is down or slow    -> bypass the cache, still answer
 Anything else (a bug, a full disk, the streams Redis gone mid-request) leaves the message pending:
 it is redelivered after `claim_idle` and, past `max_deliveries`, dead-lettered with a `failed`
@@ -45,6 +46,12 @@ class GeneratorTimeout(GenerationFailed):
 
 class GeneratorUnavailable(GenerationFailed):
     code = "generator_unavailable"
+
+
+class ImageTooLarge(GenerationFailed):
+    """The image (with its thumbnail) is larger than the whole storage cap: never written."""
+
+    code = "image_larger_than_storage_limit"
 
 
 class CacheUnavailable(PipelineError):

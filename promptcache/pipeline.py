@@ -15,15 +15,17 @@ import dataclasses
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 from redis.exceptions import RedisError
 
+from promptcache.cache.bypass import BypassImages
 from promptcache.cache.exact import CacheEntry, ExactCache
 from promptcache.flight.identical import Flight, Found
-from promptcache.cache.registry import NO_ROOM, EntryRegistry, Registered
-from promptcache.errors import CacheUnavailable, GenerationFailed
+from promptcache.cache.registry import EntryRegistry, Registered
+from promptcache.errors import CacheUnavailable, GenerationFailed, ImageTooLarge
 from promptcache.generators.base import GenerationRequest, Generator
 from promptcache.optimizer import PolicySettings, optimize
 from promptcache.prompts import NormalizedParams, cache_key, normalize_params
@@ -44,9 +46,21 @@ class StorageFull(Exception):
     """Nothing could be evicted to make room: the request stays pending and is retried."""
 
 
-class LookAgain(Exception):
-    """The leader of identical misses was answered from a similar prompt's entry, so it made no
-    entry for this key: its followers look for themselves."""
+PublishChanges = Callable[[Sequence[ChangeEvent]], Awaitable[None]]
+BYPASS_KEEP_S = 600.0
+BYPASS_SHARE = 0.02  # of the storage cap: unregistered images a worker keeps at most
+_DEFAULT_CAP = 10 * 1000**3  # the cap assumed without a registry (Settings' default)
+
+
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """What the leader of identical misses answers its followers in this process with: the
+    entry, and from which tier (`coalesced` for the one it made or found, or `semantic`)."""
+
+    entry: CacheEntry
+    tier: CacheStatus = "coalesced"
+    similarity: float | None = None
+    matched_prompt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +105,13 @@ class Pipeline:
                  registry: EntryRegistry | None = None,
                  policy: PolicySettings | None = None, flight: Flight | None = None,
                  semantic: SemanticTier | None = None,
-                 similar_flights: SimilarFlights | None = None) -> None:
+                 similar_flights: SimilarFlights | None = None,
+                 publish_changes: PublishChanges | None = None,
+                 bypass: BypassImages | None = None) -> None:
+        """`publish_changes`: writes change events to the change stream at once (evictions are
+        published when they happen, not with the answer, which may never come). Without it they
+        travel with the outcome. `bypass`: where images written without a registration are
+        kept until deleted (default: BYPASS_KEEP_S, BYPASS_SHARE of the cap)."""
         self.generator = generator
         self.policy = policy or PolicySettings()
         self.exact = exact
@@ -102,10 +122,14 @@ class Pipeline:
         self.thumbnail_size = thumbnail_size
         # In-process single flight: identical misses in this worker wait for one generation;
         # its leader takes the cross-worker lock (`flight`) so other workers wait for it too.
-        self._in_flight: dict[str, asyncio.Future[CacheEntry]] = {}
+        self._in_flight: dict[str, asyncio.Future[Shared]] = {}
         self.flight = flight
         self.semantic = semantic
         self.similar_flights = similar_flights  # rewrites of a prompt in flight wait for it
+        self.publish_changes = publish_changes
+        cap = registry.limit_bytes if registry is not None else _DEFAULT_CAP
+        self.bypass = bypass if bypass is not None else BypassImages(
+            blobs, registry, keep_s=BYPASS_KEEP_S, budget_bytes=int(cap * BYPASS_SHARE))
         # prepare() memoised: the same prompt, negative, params and optimize flag always give
         # the same keys, so a repeat costs a dict lookup instead of the optimizer and hashing
         self._prepared: OrderedDict[_PrepareKey, Prepared] = OrderedDict()
@@ -200,64 +224,73 @@ class Pipeline:
         return None
 
     async def generate(self, request: Request) -> Outcome:
-        """The slow path. Raises GenerationFailed when the generator cannot make the image."""
+        """The slow path. Raises GenerationFailed when the generator cannot make the image.
+
+        Identical misses in this process follow one leader (`_in_flight`); the leader takes the
+        cross-worker lock, so one generation serves them all. A follower whose leader stopped
+        without an answer (cancelled, an infrastructure error) looks again, and one of them
+        leads; a generator failure is every follower's answer too (they asked for the same
+        picture)."""
         prepared = self.prepare(request)
-        mode = request.options.cache
-        cache_usable = self.exact is not None
-        if mode == "use":
+        if request.options.cache != "use":  # refresh or bypass: generate, no single flight
+            return (await self._generate_announced(prepared, self.exact is not None, None))[0]
+        while True:
             entry, cache_usable = await self._cached(prepared)
             if entry is not None:  # made by another request while this one queued
                 return self.hit(prepared, entry, "coalesced")
             if cache_usable and (similar := await self.similar(prepared, count=False)):
                 return similar  # a near-identical prompt was stored while this one queued
-            if (leader := self._in_flight.get(prepared.key)) is not None:
-                try:
-                    return self.hit(prepared, await asyncio.shield(leader), "coalesced")
-                except Exception:  # noqa: BLE001 - the leader failed: try ourselves
-                    pass
-        future: asyncio.Future[CacheEntry] | None = None
-        if mode == "use" and prepared.key not in self._in_flight:
-            future = asyncio.get_running_loop().create_future()
-            self._in_flight[prepared.key] = future
-        try:
-            lease = None
-            if future is not None and cache_usable and self.flight is not None:
-                async def find() -> CacheEntry | None:
-                    return (await self._cached(prepared))[0]
-
-                joined = await self.flight.lead_or_follow(prepared.key, find)
-                if isinstance(joined, Found):  # another worker generated it meanwhile
-                    self._in_flight.pop(prepared.key, None)
-                    future.set_result(joined.value)
-                    return self.hit(prepared, joined.value, "coalesced")
-                lease = joined  # None: the cache store is down, generate without a lock
-            if lease is not None and self.similar_flights is not None and \
-                    (served := await self._wait_for_similar(prepared, lease.name)) is not None:
-                await lease.release()
-                if future is not None:  # identical followers here look for themselves
-                    self._in_flight.pop(prepared.key, None)
-                    future.set_exception(LookAgain())
-                    future.exception()
-                return served
+            leader = self._in_flight.get(prepared.key)
+            if leader is None:
+                break  # no await since the look: this one leads
             try:
-                outcome, entry = await self._generate_announced(
-                    prepared, cache_usable, lease.name if lease is not None else None)
-            finally:
-                if lease is not None:
-                    await lease.release()
+                shared = await asyncio.shield(leader)
+            except GenerationFailed:
+                raise
+            except Exception:  # noqa: BLE001 - the leader stopped: look again
+                continue
+            return self._answer_shared(prepared, shared)
+        future: asyncio.Future[Shared] = asyncio.get_running_loop().create_future()
+        self._in_flight[prepared.key] = future
+        try:
+            outcome, shared = await self._lead(prepared, cache_usable)
         except BaseException as exc:
-            if future is not None:
-                self._in_flight.pop(prepared.key, None)
-                future.set_exception(exc if isinstance(exc, Exception) else
-                                     RuntimeError("cancelled"))
-                future.exception()  # retrieved: no "never retrieved" warning
-            raise
-        if future is not None:
             self._in_flight.pop(prepared.key, None)
-            future.set_result(entry)
+            future.set_exception(exc if isinstance(exc, Exception) else
+                                 RuntimeError("cancelled"))
+            future.exception()  # retrieved: no "never retrieved" warning
+            raise
+        self._in_flight.pop(prepared.key, None)
+        future.set_result(shared)
         return outcome
 
-    async def _wait_for_similar(self, prepared: Prepared, lock: str) -> Outcome | None:
+    def _answer_shared(self, prepared: Prepared, shared: Shared) -> Outcome:
+        return self.hit(prepared, shared.entry, shared.tier, similarity=shared.similarity,
+                        matched_prompt=shared.matched_prompt)
+
+    async def _lead(self, prepared: Prepared, cache_usable: bool) -> tuple[Outcome, Shared]:
+        """The leader's way: the cross-worker lock, a similar generation in flight, or make it."""
+        lease = None
+        if cache_usable and self.flight is not None:
+            async def find() -> CacheEntry | None:
+                return (await self._cached(prepared))[0]
+
+            joined = await self.flight.lead_or_follow(prepared.key, find)
+            if isinstance(joined, Found):  # another worker generated it meanwhile
+                return self.hit(prepared, joined.value, "coalesced"), Shared(joined.value)
+            lease = joined  # None: the cache store is down, generate without a lock
+        try:
+            if lease is not None and self.similar_flights is not None and \
+                    (served := await self._wait_for_similar(prepared, lease.name)) is not None:
+                return self._answer_shared(prepared, served), served
+            outcome, entry = await self._generate_announced(
+                prepared, cache_usable, lease.name if lease is not None else None)
+            return outcome, Shared(entry)
+        finally:
+            if lease is not None:
+                await lease.release()
+
+    async def _wait_for_similar(self, prepared: Prepared, lock: str) -> Shared | None:
         """A rewrite of this prompt is being generated: wait for it and answer from its entry."""
         assert self.similar_flights is not None and self.exact is not None
         holder = await self.similar_flights.find(prepared.canonical, prepared.params_key, lock)
@@ -273,8 +306,7 @@ class Pipeline:
             return None
         if entry is None or not self.blobs.exists(entry.blob_sha256, entry.content_type):
             return None
-        return self.hit(prepared, entry, "semantic", similarity=holder.similarity,
-                         matched_prompt=holder.prompt)
+        return Shared(entry, "semantic", holder.similarity, holder.prompt)
 
     async def _generate_announced(self, prepared: Prepared, cache_usable: bool,
                                   lock: str | None) -> tuple[Outcome, CacheEntry]:
@@ -317,10 +349,18 @@ class Pipeline:
                            height=image.height, prompt_used=prompt_used,
                            canonical_prompt=canonical, optimizer_version=version,
                            created_at=time.time(), generation_ms=round(generation_ms, 1))
+        size = blob.image_bytes + blob.thumbnail_bytes
+        if self.registry is not None and size > self.registry.limit_bytes:
+            raise ImageTooLarge(f"the image and its thumbnail ({size} bytes) are larger than "
+                                f"the whole storage limit ({self.registry.limit_bytes} bytes)")
         # reserve the bytes (evicting LRU entries when the cap needs it), then write
         changes: list[ChangeEvent] = []
         registered = cache_usable and await self._register(entry, key, blob, changes)
         await asyncio.to_thread(self.blobs.write, blob, image.data, thumbnail)
+        if not registered:  # not accounted under the cap: this worker deletes it soon
+            await self.bypass.add(blob)
+        else:
+            await self.bypass.reap()
 
         status: CacheStatus = "miss"
         if mode == "bypass" or not registered:
@@ -358,30 +398,48 @@ class Pipeline:
 
     async def _register(self, entry: CacheEntry, key: str, blob: StoredBlob,
                         changes: list[ChangeEvent]) -> bool:
-        """Record the entry in the registry (TTL, LRU, storage cap). Evictions it forced are
-        added to `changes`. False when the cache store cannot take it: the image is still
-        written and served, and the janitor's orphan sweep removes it after its grace time."""
+        """Record the entry in the registry (TTL, LRU, storage cap), before its files are
+        written. Evictions it forces are published at once (`publish_changes`), else added to
+        `changes`. False when the cache store cannot take it: the image is still written and
+        served, and `bypass` deletes it soon. Returns once the files may be written: when the
+        blob's files were being deleted (its last entry just went), after that deletion."""
         if self.registry is None:
             return True
         record = Registered(entry.entry_id, key, blob.sha256, blob.content_type,
                             blob.image_bytes + blob.thumbnail_bytes, entry.created_at)
-        if record.bytes > self.registry.limit_bytes:
-            log.warning("image_larger_than_storage_limit", bytes=record.bytes)
-            return False  # serve it, do not cache it (the orphan sweep removes the file)
         deadline = time.monotonic() + self.room_timeout_s
         try:
-            while await self.registry.register(record) == NO_ROOM:
+            while not (reservation := await self.registry.register(record)).fits:
                 evicted = await self.registry.evict_lru(need=record.bytes, reason="storage_limit")
-                changes += [e.change_event("storage_limit") for e in evicted]
+                await self._record_changes([e.change_event("storage_limit") for e in evicted],
+                                           changes)
                 if not evicted:  # someone else is evicting (or writing): wait for room
                     if time.monotonic() > deadline:
                         raise StorageFull(f"no room for {record.bytes} bytes under the "
                                           f"storage limit after {self.room_timeout_s:.0f}s")
                     await asyncio.sleep(0.02)
+            if reservation.blob_deleting:
+                await self.registry.wait_deleted(blob.sha256)
             return True
         except (RedisError, OSError) as exc:
             log.warning("cache_unavailable", error=str(exc))
             return False
+
+    async def _record_changes(self, events: list[ChangeEvent],
+                              changes: list[ChangeEvent]) -> None:
+        """Publish what already happened to the cache now; if that fails, it travels with the
+        answer instead."""
+        if not events:
+            return
+        if self.publish_changes is not None:
+            for attempt in range(3):
+                try:
+                    await self.publish_changes(events)
+                    return
+                except (RedisError, OSError) as exc:
+                    log.warning("change_publish_failed", error=str(exc), attempt=attempt + 1)
+                    await asyncio.sleep(0.1 * (attempt + 1))
+        changes += events
 
     def hit(self, prepared: Prepared, entry: CacheEntry, tier: CacheStatus, *,
              similarity: float | None = None, matched_prompt: str | None = None) -> Outcome:

@@ -5,6 +5,7 @@ and how many bytes are on disk. Lives in the cache Redis next to the exact keys.
     {p}:cache:lru           zset  entry_id -> last use (epoch seconds)
     {p}:cache:blob-refs     hash  sha256 -> number of entries using the blob
     {p}:cache:stored-bytes  int   bytes of registered blobs (image + thumbnail)
+    {p}:cache:blob-deleting hash  sha256 -> {until, by, bytes}: blob files being deleted
     {p}:semantic:vectors    hash  entry_id -> the entry's prompt embedding (semantic tier)
     {p}:semantic:log        stream  adds and removals, tailed by every worker's index
 
@@ -13,10 +14,16 @@ so concurrent writers can never overshoot it; a writer that does not fit evicts 
 used entries itself (the janitor does the same from the other side). Unregistering is atomic
 too: whoever removes an entry deletes, with the last reference, its blob files, and only then
 gives their bytes back to the account.
+
+Deleting a blob's files and a new reference to it are exclusive: the script that drops the last
+reference marks the blob "being deleted" in the same step, and a registration of that blob that
+meets the mark waits until the deleter has removed the files and cleared it, then writes them
+again. A deleter paused for longer than DELETE_MARK_S loses that protection (the mark runs out).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -24,6 +31,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 import structlog
 
+from promptcache.cache.compare import COMPARE_AND_DELETE
 from promptcache.keys import SEMANTIC_LOG_MAXLEN, Keys
 from promptcache.storage.blobs import BlobStore
 from schemas.events import ChangeEvent
@@ -31,21 +39,37 @@ from schemas.events import ChangeEvent
 log = structlog.get_logger(__name__)
 
 NO_ROOM = -1
+DELETE_MARK_S = 30.0  # how long a blob's deletion may take before registrants stop waiting
 
-_REGISTER = """
+# The time in the server's clock, in ms (every script that reads or writes a deletion mark).
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: entries, lru, blob-refs, stored-bytes, blob-deleting. ARGV: entry id, record, created,
+# blob, bytes, limit. Returns {bytes newly accounted or -1 (no room), 1 when the blob's files
+# are being deleted right now (the caller waits for that to end, then writes them)}.
+_REGISTER = _NOW + """
 local refs = tonumber(redis.call('HGET', KEYS[3], ARGV[4]) or '0')
 local add = 0
 if refs <= 0 then add = tonumber(ARGV[5]) end
 local stored = tonumber(redis.call('GET', KEYS[4]) or '0')
-if add > 0 and stored + add > tonumber(ARGV[6]) then return -1 end
+if add > 0 and stored + add > tonumber(ARGV[6]) then return {-1, 0} end
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 if add > 0 then redis.call('INCRBY', KEYS[4], add) end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-return add
+local mark = redis.call('HGET', KEYS[5], ARGV[4])
+if mark and cjson.decode(mark)['until'] >= now then return {add, 1} end
+return {add, 0}
 """
 
-_UNREGISTER = """
+# KEYS: entries, lru, blob-refs, stored-bytes, blob-deleting, then the semantic tier's
+# (vectors, log). ARGV: entry id, semantic log maxlen, mark ttl ms.
+# With the last reference the blob is marked "being deleted" (by this entry, with its bytes)
+# in the same step: a registration of the blob from now on waits until `_DELETED` clears it.
+_UNREGISTER = _NOW + """
 local record = redis.call('HGET', KEYS[1], ARGV[1])
 if not record then return false end
 redis.call('HDEL', KEYS[1], ARGV[1])
@@ -55,23 +79,77 @@ local refs = redis.call('HINCRBY', KEYS[3], entry['blob'], -1)
 local freed = 0
 if refs <= 0 then
   redis.call('HDEL', KEYS[3], entry['blob'])
-  freed = entry['bytes']  -- the caller DECRBYs once the files are gone
+  freed = entry['bytes']  -- the caller deletes the files, then `_DELETED` gives the bytes back
+  redis.call('HSET', KEYS[5], entry['blob'], cjson.encode(
+    {['until'] = now + tonumber(ARGV[3]), by = ARGV[1], bytes = freed}))
+  redis.call('PEXPIRE', KEYS[5], tonumber(ARGV[3]))
 end
 -- the semantic tier forgets it too, in every worker (they tail the log)
-if redis.call('HDEL', KEYS[5], ARGV[1]) == 1 then
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], '*', 'op', 'del', 'id', ARGV[1])
+if redis.call('HDEL', KEYS[6], ARGV[1]) == 1 then
+  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[2], '*', 'op', 'del', 'id', ARGV[1])
 end
 return {record, freed}
 """
 
-# delete the exact key only while it still names this entry (a refresh may have replaced it)
-_DELETE_IF_SAME = """
-local value = redis.call('GET', KEYS[1])
-if value and cjson.decode(value)['entry_id'] == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
+# KEYS: blob-refs, blob-deleting. ARGV: blob, token, mark ttl ms. Mark a blob that no entry
+# uses as being deleted (an image written without a registration); 0 when an entry uses it or
+# someone else is deleting it.
+_CLAIM_UNUSED = _NOW + """
+if tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') > 0 then return 0 end
+local mark = redis.call('HGET', KEYS[2], ARGV[1])
+if mark and cjson.decode(mark)['until'] >= now then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(
+  {['until'] = now + tonumber(ARGV[3]), by = ARGV[2], bytes = 0}))
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]))
+return 1
 """
+
+# KEYS: blob-deleting, stored-bytes. ARGV: blob, who marked it. The files are gone: clear our
+# mark and give the bytes back (not when the mark outlived its time: a reconciliation may have
+# counted them out already; until the next one the account over-counts, never under).
+_DELETED = _NOW + """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+local mark = cjson.decode(raw)
+if mark['by'] ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+if mark['until'] < now or mark['bytes'] <= 0 then return 0 end
+redis.call('DECRBY', KEYS[2], mark['bytes'])
+return 1
+"""
+
+# KEYS: entries, stored-bytes, blob-deleting. The byte account set, in one step, to what the
+# registered blobs use plus the blobs whose deletion has not given its bytes back yet.
+_RECONCILE = _NOW + """
+local sizes = {}
+for _, raw in ipairs(redis.call('HVALS', KEYS[1])) do
+  local entry = cjson.decode(raw)
+  sizes[entry['blob']] = tonumber(entry['bytes'])
+end
+local total = 0
+for _, size in pairs(sizes) do total = total + size end
+local marks = redis.call('HGETALL', KEYS[3])
+for i = 1, #marks, 2 do
+  local mark = cjson.decode(marks[i + 1])
+  if mark['until'] >= now then total = total + mark['bytes']
+  else redis.call('HDEL', KEYS[3], marks[i]) end
+end
+redis.call('SET', KEYS[2], string.format('%d', total))
+return total
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What registering an entry did: the bytes newly accounted (NO_ROOM: nothing done), and
+    whether the blob's files are being deleted (write them only once `wait_deleted` returns)."""
+
+    added: int
+    blob_deleting: bool = False
+
+    @property
+    def fits(self) -> bool:
+        return self.added != NO_ROOM
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,25 +194,53 @@ class EntryRegistry:
         self.keys = keys
         self.blobs = blobs
         self.limit_bytes = limit_bytes
+        # blob sha256 -> {until (server ms), by, bytes}: files being deleted (the hash expires
+        # once no mark has been written for as long as a mark lives)
+        self.deleting_key = f"{keys.prefix}:cache:blob-deleting"
         self._register = redis.register_script(_REGISTER)
         self._unregister = redis.register_script(_UNREGISTER)
-        self._delete_if_same = redis.register_script(_DELETE_IF_SAME)
-        self._keys = [keys.entries, keys.lru, keys.blob_refs, keys.stored_bytes]
+        self._claim_unused = redis.register_script(_CLAIM_UNUSED)
+        self._deleted = redis.register_script(_DELETED)
+        self._reconcile = redis.register_script(_RECONCILE)
+        self._delete_if_same = redis.register_script(COMPARE_AND_DELETE)
+        self._keys = [keys.entries, keys.lru, keys.blob_refs, keys.stored_bytes,
+                      self.deleting_key]
         self._unregister_keys = [*self._keys, keys.semantic_vectors, keys.semantic_log]
+        self._mark_ms = int(DELETE_MARK_S * 1000)
 
-    async def register(self, entry: Registered) -> int:
-        """Reserve and record; returns the bytes newly accounted, or NO_ROOM."""
-        return int(await self._register(keys=self._keys, args=[
+    async def register(self, entry: Registered) -> Reservation:
+        """Reserve and record (see Reservation)."""
+        added, deleting = await self._register(keys=self._keys, args=[
             entry.entry_id, entry.to_json(), entry.created, entry.blob, entry.bytes,
-            self.limit_bytes]))
+            self.limit_bytes])
+        return Reservation(int(added), bool(int(deleting)))
+
+    async def wait_deleted(self, sha256: str, *, poll_s: float = 0.02) -> None:
+        """Until the blob's deletion has ended (or its mark ran out of time)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DELETE_MARK_S
+        while loop.time() < deadline and await self.redis.hexists(self.deleting_key, sha256):
+            await asyncio.sleep(poll_s)
 
     async def unregister(self, entry_id: str) -> Eviction | None:
+        """Remove the registration only: a caller that gets `freed` > 0 must delete the files
+        and then call `deleted` (what `evict_many` does)."""
         reply = await self._unregister(keys=self._unregister_keys,
-                                       args=[entry_id, SEMANTIC_LOG_MAXLEN])
+                                       args=[entry_id, SEMANTIC_LOG_MAXLEN, self._mark_ms])
         if not reply:
             return None
         record, freed = reply
         return Eviction(Registered.from_json(entry_id, record), int(freed))
+
+    async def claim_unused(self, sha256: str, token: str) -> bool:
+        """Mark a blob no entry uses as being deleted by `token`: True, delete its files and
+        call `deleted(sha256, token)`; False, an entry uses it (or it is being deleted)."""
+        return bool(await self._claim_unused(keys=[self.keys.blob_refs, self.deleting_key],
+                                             args=[sha256, token, self._mark_ms]))
+
+    async def deleted(self, sha256: str, token: str) -> None:
+        await self._deleted(keys=[self.deleting_key, self.keys.stored_bytes],
+                            args=[sha256, token])
 
     async def evict(self, entry_id: str, *, reason: str) -> Eviction | None:
         """Remove an entry everywhere: registry, exact key, blob files (with the last
@@ -143,29 +249,35 @@ class EntryRegistry:
         return evicted[0] if evicted else None
 
     async def evict_many(self, entry_ids: list[str], *, reason: str) -> list[Eviction]:
-        """`evict` for a batch, in two pipelined round trips."""
+        """`evict` for a batch, in two pipelined round trips (and the file deletions between)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for entry_id in entry_ids:
                 await self._unregister(keys=self._unregister_keys,
-                                       args=[entry_id, SEMANTIC_LOG_MAXLEN], client=pipe)
+                                       args=[entry_id, SEMANTIC_LOG_MAXLEN, self._mark_ms],
+                                       client=pipe)
             replies = await pipe.execute()
         done = [Eviction(Registered.from_json(entry_id, reply[0]), int(reply[1]))
                 for entry_id, reply in zip(entry_ids, replies, strict=True) if reply]
         if not done:
             return done
         # files first, then the account: the bytes on disk never exceed what is accounted
-        # (a crash in between over-counts until the janitor's reconciliation, never under)
+        # (a crash in between over-counts until the janitor's reconciliation, never under);
+        # a registration of the same blob meanwhile waits for `_DELETED`, then rewrites it
         for eviction in done:
             if eviction.freed:
-                self.blobs.delete(eviction.entry.blob, eviction.entry.content_type)
+                await asyncio.to_thread(self.blobs.delete, eviction.entry.blob,
+                                        eviction.entry.content_type)
             log.debug("entry_evicted", entry_id=eviction.entry.entry_id, reason=reason,
                       freed=eviction.freed)
         async with self.redis.pipeline(transaction=False) as pipe:
-            if freed := sum(e.freed for e in done):
-                pipe.decrby(self.keys.stored_bytes, freed)
             for eviction in done:
+                if eviction.freed:
+                    await self._deleted(keys=[self.deleting_key, self.keys.stored_bytes],
+                                        args=[eviction.entry.blob, eviction.entry.entry_id],
+                                        client=pipe)
                 await self._delete_if_same(keys=[self.keys.exact(eviction.entry.cache_key)],
-                                           args=[eviction.entry.entry_id], client=pipe)
+                                           args=[eviction.entry.entry_id, "entry_id"],
+                                           client=pipe)
             await pipe.execute()
         return done
 
@@ -209,22 +321,16 @@ class EntryRegistry:
 
     async def reconcile(self, *, grace_s: float = 600.0) -> tuple[int, int]:
         """Unregister entries whose blob file is gone (older than `grace_s`: a writer registers
-        before it writes), then set the byte account to what the registered blobs use.
+        before it writes), then set the byte account to what the registered blobs use, in one
+        script (a registration landing meanwhile is counted, never dropped).
         Returns (bytes, entries removed)."""
         removed = 0
         cutoff = time.time() - grace_s
-        sizes: dict[str, int] = {}
         async for raw_id, raw in self.redis.hscan_iter(self.keys.entries):
             entry = Registered.from_json(raw_id.decode(), raw)
             if entry.created < cutoff and not self.blobs.exists(entry.blob, entry.content_type):
                 await self.evict(entry.entry_id, reason="blob_missing")
                 removed += 1
-            else:
-                sizes[entry.blob] = entry.bytes
-        total = sum(sizes.values())
-        await self.redis.set(self.keys.stored_bytes, total)
+        total = int(await self._reconcile(
+            keys=[self.keys.entries, self.keys.stored_bytes, self.deleting_key]))
         return total, removed
-
-
-def now() -> float:
-    return time.time()

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from promptcache.cache.compare import COMPARE_AND_DELETE
 from promptcache.keys import Keys
 
 log = structlog.get_logger(__name__)
@@ -34,13 +35,6 @@ T = TypeVar("T")
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-# KEYS[1] = lock, ARGV[1] = token
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
 end
 return 0
 """
@@ -58,7 +52,6 @@ class Lease:
     name: str
     token: str
     _renewer: asyncio.Task[None] | None = field(default=None, repr=False)
-    lost: bool = False
     released: bool = False
 
     async def release(self) -> None:
@@ -85,7 +78,6 @@ class Lease:
                 log.warning("flight_lock_renewal_failed", error=str(exc))
                 continue
             if not kept:  # expired (a long pause) and maybe taken: at worst two generations
-                self.lost = True
                 log.warning("flight_lock_lost")
                 return
 
@@ -109,7 +101,7 @@ class Flight:
         self.poll = poll
         self.max_wait = max_wait
         self.renew_script = redis.register_script(_RENEW)
-        self.release_script = redis.register_script(_RELEASE)
+        self.release_script = redis.register_script(COMPARE_AND_DELETE)
 
     def lock_name(self, cache_key: str) -> str:
         return f"{self.keys.prefix}:cache:flight:{cache_key}"
@@ -137,8 +129,9 @@ class Flight:
             while True:
                 lease = await self._try_lock(name)
                 if lease is not None:
-                    # the holder stores the entry before releasing: look once more
-                    if waited and (value := await find()) is not None:
+                    # the holder stores the entry before releasing, and may have released
+                    # between the caller's look and this lock: look once more
+                    if (value := await find()) is not None:
                         await lease.release()
                         return Found(value)
                     if waited:
