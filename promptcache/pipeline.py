@@ -333,9 +333,7 @@ class Pipeline:
         mode = request.options.cache
         started = time.monotonic()
         image = await self.generator.generate(GenerationRequest(
-            prompt=prompt_used, negative_prompt=negative, model=params.model,
-            width=params.width, height=params.height, steps=params.steps,
-            guidance=params.guidance, sampler=params.sampler, seed=params.seed))
+            prompt=prompt_used, negative_prompt=negative, params=params))
         generation_ms = (time.monotonic() - started) * 1000
         thumbnail = await asyncio.to_thread(make_thumbnail, image.data, self.thumbnail_size)
         blob = self.blobs.describe(image.data, image.content_type, thumbnail)

@@ -17,6 +17,7 @@ from promptcache.generators import build_generator, guarded
 from promptcache.generators.automatic1111 import Automatic1111Generator
 from promptcache.generators.base import GenerationRequest
 from promptcache.generators.breaker import CircuitBreaker, CircuitOpen, GuardedGenerator
+from promptcache.prompts import NormalizedParams
 from tests.conftest import make_settings
 from tests.helpers import CountingGenerator, results, send, worker_for
 from tests.http_fakes import FakeServer, Recorded, Reply, png_b64
@@ -24,8 +25,9 @@ from tests.http_fakes import FakeServer, Recorded, Reply, png_b64
 TXT2IMG = "/sdapi/v1/txt2img"
 OK = Reply(json={"images": [png_b64()], "parameters": {}, "info": '{"seed": 1}'})
 BROKEN = Reply(500, json={"error": "CUDA out of memory"})
-REQUEST = GenerationRequest(prompt="a red fox", negative_prompt=None, model="", width=64,
-                            height=48, steps=20, guidance=7.0, sampler="Euler a", seed=1)
+REQUEST = GenerationRequest(prompt="a red fox", negative_prompt=None,
+                            params=NormalizedParams(model="", width=64, height=48, steps=20,
+                                                    guidance=7.0, sampler="Euler a", seed=1))
 
 
 class Clock:

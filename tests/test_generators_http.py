@@ -34,6 +34,7 @@ from promptcache.generators.http import (
 )
 from promptcache.generators.openai_images import OpenAIImagesGenerator, nearest_size
 from promptcache.generators.runpod import RunPodGenerator
+from promptcache.prompts import NormalizedParams
 from tests.http_fakes import FakeServer, Recorded, Reply, png_b64, png_bytes
 
 SECRET = "sk-test-SECRET-7f3a9c"
@@ -42,10 +43,12 @@ FAST = {"backoff_base": 0.01, "backoff_cap": 0.02}
 
 
 def make_request(**changes: Any) -> GenerationRequest:
-    base = GenerationRequest(prompt="a red fox in snow", negative_prompt="blurry", model="",
-                             width=64, height=48, steps=23, guidance=6.5, sampler="Euler a",
-                             seed=1234)
-    return replace(base, **changes)
+    """The request the tests send; `changes` may name the prompts or any of the params."""
+    params = NormalizedParams(model="", width=64, height=48, steps=23, guidance=6.5,
+                              sampler="Euler a", seed=1234)
+    text = {k: changes.pop(k) for k in ("prompt", "negative_prompt") if k in changes}
+    return GenerationRequest(**{"prompt": "a red fox in snow", "negative_prompt": "blurry",
+                                **text}, params=replace(params, **changes))
 
 
 # --- one table row per backend, for the behaviour they all share --------------------------------

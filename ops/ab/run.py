@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -132,9 +132,8 @@ async def run_ab(generator: Generator, prompts: Sequence[str], scorers: Sequence
     async def one(item: Item, arm: Arm) -> None:
         nonlocal done
         request = GenerationRequest(
-            prompt=item.sent[arm], negative_prompt=item.negative[arm], model=params.model,
-            width=params.width, height=params.height, steps=params.steps,
-            guidance=params.guidance, sampler=params.sampler, seed=item.seed)
+            prompt=item.sent[arm], negative_prompt=item.negative[arm],
+            params=replace(params, seed=item.seed))
         try:
             async with slots:
                 t0 = time.monotonic()

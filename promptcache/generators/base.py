@@ -5,20 +5,45 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from promptcache.prompts import NormalizedParams
+
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """What a generator is asked for; params are already normalised (defaults filled in)."""
+    """What a generator is asked for: the prompt sent, and params already normalised (defaults
+    filled in); the params' fields are readable on the request itself."""
 
     prompt: str
     negative_prompt: str | None
-    model: str
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    sampler: str
-    seed: int | None
+    params: NormalizedParams
+
+    @property
+    def model(self) -> str:
+        return self.params.model
+
+    @property
+    def width(self) -> int:
+        return self.params.width
+
+    @property
+    def height(self) -> int:
+        return self.params.height
+
+    @property
+    def steps(self) -> int:
+        return self.params.steps
+
+    @property
+    def guidance(self) -> float:
+        return self.params.guidance
+
+    @property
+    def sampler(self) -> str:
+        return self.params.sampler
+
+    @property
+    def seed(self) -> int | None:
+        return self.params.seed
 
 
 @dataclass(frozen=True, slots=True)
