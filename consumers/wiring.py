@@ -16,7 +16,7 @@ import structlog
 from promptcache.cache.bypass import BypassImages
 from promptcache.cache.exact import ExactCache
 from promptcache.flight.identical import Flight
-from promptcache.cache.registry import EntryRegistry
+from promptcache.cache.registry import EntryRegistry, Forget
 from promptcache.config import Settings
 from promptcache.errors import ConfigError
 from promptcache.generators import Generator, build_generator
@@ -28,6 +28,7 @@ from promptcache.pipeline import Pipeline
 from promptcache.semantic.embeddings import CachedEmbedder, build_embedder
 from promptcache.semantic.index import VectorIndex
 from promptcache.flight.similar import SimilarFlights
+from promptcache.semantic import store as semantic_store
 from promptcache.semantic.store import IndexFollower, SemanticStore
 from promptcache.semantic.tier import SemanticTier
 from promptcache.storage.blobs import BlobStore
@@ -72,7 +73,14 @@ def blob_store(settings: Settings) -> BlobStore:
 
 def registry(cache_redis: aioredis.Redis, keys: Keys, blobs: BlobStore,
              settings: Settings) -> EntryRegistry:
-    return EntryRegistry(cache_redis, keys, blobs, limit_bytes=int(settings.storage_limit))
+    """The registry, and the semantic tier's vectors forgotten in the step that evicts."""
+    return EntryRegistry(cache_redis, keys, blobs, limit_bytes=int(settings.storage_limit),
+                         forget=semantic_forget(keys))
+
+
+def semantic_forget(keys: Keys) -> Forget:
+    forget_keys, forget_args = semantic_store.forget_keys(keys)
+    return Forget(semantic_store.FORGET, forget_keys, forget_args)
 
 
 def build_semantic(settings: Settings, cache_redis: aioredis.Redis | None) -> SemanticTier | None:

@@ -27,7 +27,7 @@ from promptcache.errors import GenerationRejected
 from promptcache.generators.base import GeneratedImage, GenerationRequest
 from promptcache.generators.procedural import ProceduralGenerator
 from promptcache.prompts import canonical_prompt
-from consumers.wiring import SemanticLoop, blob_store, build_semantic, build_worker
+from consumers.wiring import SemanticLoop, blob_store, build_semantic, build_worker, semantic_forget
 from promptcache.semantic.embeddings import (LOCAL_INT8_MODEL_NAME, LOCAL_MODEL_NAME,
                                            CachedEmbedder, EmbeddingError, LocalEmbedder,
                                            OpenAIEmbedder, _Batcher, not_embeddable)
@@ -281,7 +281,8 @@ async def test_an_entry_stored_by_one_worker_is_a_candidate_for_another_within_1
         await tier.embedder.aclose()
         # evicting the entry removes it from every worker's index
         blobs = blob_store(settings)
-        registry = EntryRegistry(redis, keys, blobs, limit_bytes=10**9)
+        registry = EntryRegistry(redis, keys, blobs, limit_bytes=10**9,
+                                 forget=semantic_forget(keys))
         await redis.hset(keys.entries, record_id, '{"cache_key": "k", "blob": "0", '
                          '"content_type": "image/png", "bytes": 0, "created": 0}')
         await redis.hset(keys.blob_refs, "0", 1)

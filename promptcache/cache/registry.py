@@ -6,8 +6,10 @@ and how many bytes are on disk. Lives in the cache Redis next to the exact keys.
     {p}:cache:blob-refs     hash  sha256 -> number of entries using the blob
     {p}:cache:stored-bytes  int   bytes of registered blobs (image + thumbnail)
     {p}:cache:blob-deleting hash  sha256 -> {until, by, bytes}: blob files being deleted
-    {p}:semantic:vectors    hash  entry_id -> the entry's prompt embedding (semantic tier)
-    {p}:semantic:log        stream  adds and removals, tailed by every worker's index
+
+What else must forget an entry in the step that removes it (the semantic tier's vectors) comes
+in as a `Forget`: a Lua fragment with its own keys and arguments, so the registry knows no other
+part's key layout.
 
 Registering reserves the bytes atomically against the storage cap *before* the file is written,
 so concurrent writers can never overshoot it; a writer that does not fit evicts least recently
@@ -32,7 +34,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from promptcache.cache.compare import COMPARE_AND_DELETE
-from promptcache.keys import SEMANTIC_LOG_MAXLEN, Keys
+from promptcache.keys import Keys
 from promptcache.storage.blobs import BlobStore
 from schemas.events import ChangeEvent
 
@@ -65,8 +67,8 @@ if mark and cjson.decode(mark)['until'] >= now then return {add, 1} end
 return {add, 0}
 """
 
-# KEYS: entries, lru, blob-refs, stored-bytes, blob-deleting, then the semantic tier's
-# (vectors, log). ARGV: entry id, semantic log maxlen, mark ttl ms.
+# KEYS: entries, lru, blob-refs, stored-bytes, blob-deleting, then the `Forget` fragment's.
+# ARGV: entry id, mark ttl ms, then the fragment's.
 # With the last reference the blob is marked "being deleted" (by this entry, with its bytes)
 # in the same step: a registration of the blob from now on waits until `_DELETED` clears it.
 _UNREGISTER = _NOW + """
@@ -81,13 +83,12 @@ if refs <= 0 then
   redis.call('HDEL', KEYS[3], entry['blob'])
   freed = entry['bytes']  -- the caller deletes the files, then `_DELETED` gives the bytes back
   redis.call('HSET', KEYS[5], entry['blob'], cjson.encode(
-    {['until'] = now + tonumber(ARGV[3]), by = ARGV[1], bytes = freed}))
-  redis.call('PEXPIRE', KEYS[5], tonumber(ARGV[3]))
+    {['until'] = now + tonumber(ARGV[2]), by = ARGV[1], bytes = freed}))
+  redis.call('PEXPIRE', KEYS[5], tonumber(ARGV[2]))
 end
--- the semantic tier forgets it too, in every worker (they tail the log)
-if redis.call('HDEL', KEYS[6], ARGV[1]) == 1 then
-  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[2], '*', 'op', 'del', 'id', ARGV[1])
-end
+-- what else forgets it in this step (the `Forget` fragment, with its own keys and args)
+local entry_id, forget_keys, forget_args = ARGV[1], {unpack(KEYS, 6)}, {unpack(ARGV, 3)}
+--FORGET--
 return {record, freed}
 """
 
@@ -187,9 +188,19 @@ class Eviction:
                            reason=reason)
 
 
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """What another part of the cache forgets in the same step as an entry is unregistered: a
+    Lua fragment that sees `entry_id`, `forget_keys` and `forget_args` (Lua tables)."""
+
+    lua: str
+    keys: tuple[str, ...] = ()
+    args: tuple[str | int, ...] = ()
+
+
 class EntryRegistry:
     def __init__(self, redis: aioredis.Redis, keys: Keys, blobs: BlobStore, *,
-                 limit_bytes: int) -> None:
+                 limit_bytes: int, forget: Forget | None = None) -> None:
         self.redis = redis
         self.keys = keys
         self.blobs = blobs
@@ -198,14 +209,16 @@ class EntryRegistry:
         # once no mark has been written for as long as a mark lives)
         self.deleting_key = f"{keys.prefix}:cache:blob-deleting"
         self._register = redis.register_script(_REGISTER)
-        self._unregister = redis.register_script(_UNREGISTER)
+        forget = forget or Forget("")
+        self._unregister = redis.register_script(_UNREGISTER.replace("--FORGET--", forget.lua))
         self._claim_unused = redis.register_script(_CLAIM_UNUSED)
         self._deleted = redis.register_script(_DELETED)
         self._reconcile = redis.register_script(_RECONCILE)
         self._delete_if_same = redis.register_script(COMPARE_AND_DELETE)
         self._keys = [keys.entries, keys.lru, keys.blob_refs, keys.stored_bytes,
                       self.deleting_key]
-        self._unregister_keys = [*self._keys, keys.semantic_vectors, keys.semantic_log]
+        self._unregister_keys = [*self._keys, *forget.keys]
+        self._forget_args = list(forget.args)
         self._mark_ms = int(DELETE_MARK_S * 1000)
 
     async def register(self, entry: Registered) -> Reservation:
@@ -226,7 +239,7 @@ class EntryRegistry:
         """Remove the registration only: a caller that gets `freed` > 0 must delete the files
         and then call `deleted` (what `evict_many` does)."""
         reply = await self._unregister(keys=self._unregister_keys,
-                                       args=[entry_id, SEMANTIC_LOG_MAXLEN, self._mark_ms])
+                                       args=[entry_id, self._mark_ms, *self._forget_args])
         if not reply:
             return None
         record, freed = reply
@@ -253,7 +266,7 @@ class EntryRegistry:
         async with self.redis.pipeline(transaction=False) as pipe:
             for entry_id in entry_ids:
                 await self._unregister(keys=self._unregister_keys,
-                                       args=[entry_id, SEMANTIC_LOG_MAXLEN, self._mark_ms],
+                                       args=[entry_id, self._mark_ms, *self._forget_args],
                                        client=pipe)
             replies = await pipe.execute()
         done = [Eviction(Registered.from_json(entry_id, reply[0]), int(reply[1]))

@@ -5,8 +5,9 @@
     {p}:semantic:log       stream  op=add (with the record) / op=del: what workers tail
     {p}:semantic:embedding:<model>:<dim>:<hash>  a cached embedding of a canonical prompt (TTL)
 
-An entry is added only while the registry still has it, and removed by the registry's unregister
-script in the same step that evicts it, so the hash never outlives its entries. A worker loads
+An entry is added only while the registry still has it, and removed in the registry's unregister
+script, in the same step that evicts it (the `FORGET` fragment, which the wiring hands to the
+registry), so the hash never outlives its entries. A worker loads
 the hash (no re-embedding) and then follows the log with a blocking read, so an entry stored by
 any worker is a candidate everywhere within milliseconds. A worker that fell further behind than
 the log keeps, or lost the cache store for a while, reloads.
@@ -31,6 +32,21 @@ from promptcache.keys import SEMANTIC_LOG_MAXLEN, Keys
 from promptcache.semantic.index import Meta, VectorIndex
 
 log = structlog.get_logger(__name__)
+
+# run inside the registry's unregister script (see EntryRegistry's `forget`): the vector goes
+# with its entry, and every worker's index hears of it through the log
+FORGET = """
+if redis.call('HDEL', forget_keys[1], entry_id) == 1 then
+  redis.call('XADD', forget_keys[2], 'MAXLEN', '~', forget_args[1], '*', 'op', 'del',
+             'id', entry_id)
+end
+"""
+
+
+def forget_keys(keys: Keys) -> tuple[tuple[str, str], tuple[int]]:
+    """The keys and args of `FORGET`."""
+    return (keys.semantic_vectors, keys.semantic_log), (SEMANTIC_LOG_MAXLEN,)
+
 
 # add only while the registry has the entry: never a vector for an evicted entry
 _ADD = """
