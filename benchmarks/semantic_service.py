@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/semantic_service.py            # full run (about 8 minutes)
     .venv/bin/python benchmarks/semantic_service.py --quick    # smoke run (about 3 minutes)
+    .venv/bin/python benchmarks/semantic_service.py --latency-only --no-gptcache
+                                                               # the latency target only (~2 min)
     .venv/bin/python benchmarks/semantic_service.py --help     # every option
 
 Starts an embedded Valkey and `--workers` (2) real worker processes (`python -m ops
@@ -65,8 +67,11 @@ import redis  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 
 from benchmarks.pairs import load_dev, load_prompts, own_pairs, rewrite  # noqa: E402
-from benchmarks.spine import (  # noqa: E402  (the process helpers of the spine benchmark)
-    Interrupted, Stopper, _sigterm, cleanup, git_state, machine, start_workers)
+from benchmarks.harness import (  # noqa: E402  (process, server and collector code)
+    RESULTS_DIR, STOP, Interrupted, ResultReader, _sigterm, cleanup, cpu_times, git_state,
+    install_signal_handlers, load_avg, machine, progress, remove_signal_handlers, say,
+    service_env, start_workers, system_cpu, wait_for_workers, write_json)
+from benchmarks.harness import percentiles as harness_percentiles  # noqa: E402
 from promptcache.config import Settings  # noqa: E402
 from ops.embedded_servers import EmbeddedValkey  # noqa: E402
 from promptcache.keys import REQUESTS_GROUP, Keys  # noqa: E402
@@ -76,7 +81,6 @@ from promptcache.semantic.embeddings import not_embeddable  # noqa: E402
 from promptcache.semantic.verifier import verify  # noqa: E402
 from schemas.events import Request  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SHARED = REPO.parent / "shared"
 SHUTDOWN_RESERVE_S = 20.0
 FROM_CACHE = frozenset({"exact", "semantic", "coalesced"})
@@ -90,17 +94,6 @@ DEFAULTS = {"per_kind": 50, "dev_sample": 0, "sequential": 100, "seeds": 200, "d
             "max_seconds": 1500.0}
 QUICK = {"per_kind": 8, "dev_sample": 150, "sequential": 30, "seeds": 60, "duration": 10.0,
          "max_seconds": 600.0}
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-STOP = Stopper()
 
 
 # --- arguments --------------------------------------------------------------------------------
@@ -130,6 +123,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pair generation and sampling seed (default 2027; semantic_quality.py "
                         "reports 2026, 7 and 11 were used while tuning the verifier)")
     p.add_argument("--no-gptcache", action="store_true", help="skip the GPTCache comparison")
+    p.add_argument("--latency-only", action="store_true",
+                   help="only the latency phase's `new` run (every text new: each request "
+                        "embeds): the issue 13 semantic target, p50 <= 15 ms and p99 <= 50 ms "
+                        "at --rate; no pairs, no GPTCache")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 150 dev pairs, 8 per held-out kind, 60 seeds, 10 s")
     p.add_argument("--max-seconds", type=float, default=None,
@@ -153,12 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --- statistics -------------------------------------------------------------------------------
 
 def percentiles(values: Iterable[float]) -> dict[str, float] | None:
-    a = np.asarray(list(values), dtype=float)
-    if a.size == 0:
-        return None
-    p50, p95, p99 = np.percentile(a, [50, 95, 99])
-    return {"n": int(a.size), "p50": round(float(p50), 2), "p95": round(float(p95), 2),
-            "p99": round(float(p99), 2), "max": round(float(a.max()), 2)}
+    return harness_percentiles(values, (50, 95, 99), minimum=False)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -174,33 +166,6 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def bucket(words: int) -> str:
     return "<=8" if words <= 8 else "9-20" if words <= 20 else "21-40" if words <= 40 else ">40"
-
-
-def cpu_times(pids: Iterable[int]) -> float:
-    """utime + stime in seconds of these processes (0 for any that is gone)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-
-
-def system_cpu() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    try:
-        values = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError):
-        return (0.0, 0.0)
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return (float(sum(values) - idle), float(sum(values)))
-
-
-def load_avg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 # --- pairs ------------------------------------------------------------------------------------
@@ -248,68 +213,34 @@ def build_pairs(args: argparse.Namespace) -> tuple[list[Pair], dict[str, Any]]:
 
 # --- results: one XREAD loop, a future per request id ----------------------------------------
 
-class Results:
+class Results(ResultReader):
+    """The results stream, each expected request id resolving its future."""
+
     def __init__(self, url: str, stream: str) -> None:
-        self.client = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
-        self.stream = stream
-        self.cursor = "0-0"
+        super().__init__(url, stream)
         self.waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self.received_at: dict[str, float] = {}
         self.unexpected = 0
-        self.duplicates = 0
-        self._seen: set[str] = set()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
-        self.error: BaseException | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
 
     def expect(self, rid: str) -> asyncio.Future[dict[str, Any]]:
         fut = asyncio.get_running_loop().create_future()
         self.waiting[rid] = fut
         return fut
 
-    async def stop(self) -> None:
-        self._stopping = True
-        if self._task is not None:
-            await asyncio.wait({self._task}, timeout=12)
-            if not self._task.done():
-                self._task.cancel()
-                await asyncio.wait({self._task}, timeout=1)
-                return
-        await self.client.aclose()
+    def take(self, data: dict[str, Any], now: float) -> None:
+        fut = self.waiting.pop(data.get("request_id", ""), None)
+        if fut is None:
+            self.unexpected += 1
+        elif not fut.done():
+            self.received_at[data["request_id"]] = now
+            fut.set_result(data)
 
-    async def _run(self) -> None:
-        try:
-            while not self._stopping:
-                reply = await self.client.xread({self.stream: self.cursor}, count=2000, block=200)
-                now = time.monotonic()
-                for _, entries in reply or []:
-                    for mid, fields in entries:
-                        self.cursor = mid.decode()
-                        data = json.loads(fields[b"data"])
-                        rid = data.get("request_id", "")
-                        if rid in self._seen:
-                            self.duplicates += 1
-                            continue
-                        self._seen.add(rid)
-                        fut = self.waiting.pop(rid, None)
-                        if fut is None:
-                            self.unexpected += 1
-                        elif not fut.done():
-                            self.received_at[rid] = now
-                            fut.set_result(data)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            self.error = exc
-            for fut in self.waiting.values():
-                if not fut.done():
-                    fut.set_exception(RuntimeError(f"result reader failed: {exc!r}"))
-            raise
+    def failed(self, exc: BaseException) -> None:
+        for fut in self.waiting.values():
+            if not fut.done():
+                fut.set_exception(RuntimeError(f"result reader failed: {exc!r}"))
 
-    async def wait(self, fut: asyncio.Future[dict[str, Any]], deadline: float) -> dict | None:
+    async def result(self, fut: asyncio.Future[dict[str, Any]], deadline: float) -> dict | None:
         """The result, or None past `deadline` (monotonic). Checks the stop flag every 0.25 s."""
         while True:
             STOP.check()
@@ -326,53 +257,10 @@ class Results:
 def worker_env(args: argparse.Namespace, url: str, prefix: str, data_dir: Path) -> dict[str, str]:
     """Defaults for everything semantic (threshold, verifier, top_k): nothing PROMPTCACHE_*
     from the caller's environment leaks in."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PROMPTCACHE_") and k not in ("DATABASE_URL", "CACHE_REDIS_URL",
-                                                             "REDIS_URL")}
-    env.update(REDIS_URL=url, PROMPTCACHE_PREFIX=prefix, PROMPTCACHE_DATA_DIR=str(data_dir),
-               PROMPTCACHE_GENERATOR="procedural",
-               PROMPTCACHE_GENERATOR_LATENCY_MS=str(args.generator_latency_ms),
-               PROMPTCACHE_EMBEDDINGS="local", PROMPTCACHE_LOG_LEVEL="WARNING",
-               PROMPTCACHE_LOG_FORMAT="json", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
-    return env
-
-
-async def wait_until_ready(url: str, keys: Keys, procs: list[subprocess.Popen[bytes]],
-                           logs: list[Path], deadline: float) -> float:
-    """Every worker has joined the requests group and published its semantic index stats
-    (written by the index follower, which starts once the model is loaded)."""
-    client = aioredis.Redis.from_url(url, socket_timeout=5)
-    pids = {str(p.pid) for p in procs}
-    started = time.monotonic()
-    last_note = 0.0
-    try:
-        while True:
-            STOP.check()
-            for proc, log in zip(procs, logs, strict=True):
-                if proc.poll() is not None:
-                    tail = log.read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"worker pid {proc.pid} exited with {proc.returncode} "
-                                       f"during start:\n{tail}")
-            try:
-                group = {c["name"].decode().rsplit("#", 1)[-1]
-                         for c in await client.xinfo_consumers(keys.requests, REQUESTS_GROUP)}
-            except redis.ResponseError:
-                group = set()
-            stats = {k.decode().rsplit("#", 1)[-1] async for k in
-                     client.scan_iter(match=keys.semantic_index_stats("*"), count=100)}
-            if pids <= group and pids <= stats:
-                return time.monotonic() - started
-            if time.monotonic() - last_note > 10:
-                progress(f"  waiting for workers: {len(pids & group)}/{len(pids)} in the group, "
-                         f"{len(pids & stats)}/{len(pids)} semantic tiers ready "
-                         f"({time.monotonic() - started:.0f} s)")
-                last_note = time.monotonic()
-            if time.monotonic() > deadline:
-                raise RuntimeError("workers not ready (group joined and model loaded) in time")
-            await asyncio.sleep(0.2)
-    finally:
-        await client.aclose()
+    return service_env(url, prefix, data_dir, PROMPTCACHE_GENERATOR="procedural",
+                       PROMPTCACHE_GENERATOR_LATENCY_MS=str(args.generator_latency_ms),
+                       PROMPTCACHE_EMBEDDINGS="local", HF_HUB_OFFLINE="1",
+                       TRANSFORMERS_OFFLINE="1")
 
 
 @dataclass
@@ -428,7 +316,7 @@ async def measure_pair(bench: Bench, number: int, out: Outcome, done: collection
     params = {"seed": number}
     rid = f"{bench.tag}.p{number}"
     fa = await bench.send(Request(request_id=f"{rid}.a", prompt=out.pair.a, params=params))
-    ra = await bench.results.wait(fa, bench.until(wait_s))
+    ra = await bench.results.result(fa, bench.until(wait_s))
     if ra is None:
         done["a_unanswered"] += 1
         return
@@ -437,7 +325,7 @@ async def measure_pair(bench: Bench, number: int, out: Outcome, done: collection
         done["a_not_ok"] += 1
         return
     fb = await bench.send(Request(request_id=f"{rid}.b", prompt=out.pair.b, params=params))
-    rb = await bench.results.wait(fb, bench.until(wait_s))
+    rb = await bench.results.result(fb, bench.until(wait_s))
     if rb is None:
         done["b_unanswered"] += 1
         return
@@ -681,7 +569,8 @@ def latency_plan(args: argparse.Namespace, n_requests: int, sent: set[str]
 
 
 async def latency_phase(bench: Bench, procs: list[subprocess.Popen[bytes]],
-                        valkey: EmbeddedValkey | None, sent: set[str]) -> dict[str, Any]:
+                        valkey: EmbeddedValkey | None, sent: set[str],
+                        runs: tuple[str, ...] = ("new", "repeat")) -> dict[str, Any]:
     """Store the seeds, then two open-loop runs of the same rewrites: `new` (every text sent
     for the first time: each request embeds) and `repeat` (the same texts again: their
     embeddings are cached, so this is the path without the model)."""
@@ -695,7 +584,7 @@ async def latency_phase(bench: Bench, procs: list[subprocess.Popen[bytes]],
     stored: list[tuple[str, str]] = []
     seed_outcomes: collections.Counter[str] = collections.Counter()
     for p, key, fut in futs:
-        r = await bench.results.wait(fut, bench.until(60 + len(seeds) * 0.1))
+        r = await bench.results.result(fut, bench.until(60 + len(seeds) * 0.1))
         outcome = "unanswered" if r is None else r.get("cache") or r.get("status", "?")
         seed_outcomes[outcome] += 1
         if outcome == "miss":
@@ -715,7 +604,7 @@ async def latency_phase(bench: Bench, procs: list[subprocess.Popen[bytes]],
     if len(plan) < n:
         bench.notes.append(f"latency: only {len(plan)} distinct accepted rewrites for {n} slots")
     report["requests_planned"] = len(plan)
-    for run in ("new", "repeat"):
+    for run in runs:
         progress(f"  [latency {run}] {len(plan)} rewrites open loop at {args.rate:g}/s "
                  f"for {len(plan) / args.rate:.0f} s ...")
         report[run] = await _open_loop(bench, run, plan, seed_of, procs, valkey)
@@ -768,7 +657,7 @@ async def _open_loop(bench: Bench, run: str, plan: list[tuple[str, str]],
             await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
     last_send = time.monotonic()
     drain_s = 30 + 2 * len(plan) / rate  # a saturated service needs a while to catch up
-    got = [(s, await bench.results.wait(s[5], min(last_send + drain_s, bench.deadline)))
+    got = [(s, await bench.results.result(s[5], min(last_send + drain_s, bench.deadline)))
            for s in sent]
     cpu1 = (cpu_times(pids), cpu_times(valkey_pids), time.process_time(), system_cpu(),
             time.monotonic())
@@ -874,53 +763,55 @@ async def service_state(client: aioredis.Redis, keys: Keys, results: Results) ->
 async def run(args: argparse.Namespace, url: str, prefix: str, procs: list[Any],
               logs: list[Path], valkey: EmbeddedValkey | None, tmp: Path, deadline: float,
               pairs: list[Pair], report: dict[str, Any]) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, STOP.on_signal, sig)
+    install_signal_handlers()
     keys = Keys(prefix)
     client = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
     results = Results(url, keys.results)
     bench = Bench(args, keys, client, results, tag=f"s{uuid.uuid4().hex[:8]}", deadline=deadline)
     report["notes"] = bench.notes
     try:
-        ready_s = await wait_until_ready(url, keys, procs, logs, min(deadline, time.monotonic()
-                                                                      + 300))
+        ready_s = await wait_for_workers(url, keys, procs, logs,
+                                         max(min(deadline - time.monotonic(), 300), 1),
+                                         semantic=True)
         report["workers_ready_s"] = round(ready_s, 1)
         progress(f"workers ready (model loaded) after {ready_s:.1f} s")
         results.start()
 
-        progress(f"\n== quality: {len(pairs)} pairs, {args.concurrency} at a time ==")
-        t = time.monotonic()
-        report["load_avg_quality_start"] = load_avg()
-        outcomes = await quality_phase(bench, pairs)
-        report["quality_s"] = round(time.monotonic() - t, 1)
-        report["load_avg_quality_end"] = load_avg()
-        report["service_after_quality"] = await service_state(client, keys, results)
-        sent = {canonical_prompt(text) for pair in pairs for text in (pair.a, pair.b)}
-
-        if args.sequential:
-            seq_pairs = fresh_rewrite_pairs(args, args.sequential, sent)
-            progress(f"\n== sequential: {len(seq_pairs)} fresh rewrite pairs, one at a time ==")
-            report["sequential"] = await sequential_phase(bench, seq_pairs)
-
+        sent: set[str] = set()
         embedding = None
-        if not args.no_gptcache:
-            progress(f"\n== gptcache: the same {len(outcomes)} pairs, in this process ==")
-            gpt = await asyncio.to_thread(gptcache_phase, outcomes, tmp)
-            embedding = gpt.pop("embedding")
-            report["gptcache"] = gpt
-        await asyncio.to_thread(diagnose, outcomes, embedding)
-        report["quality"] = quality_report(outcomes, gptcache=not args.no_gptcache)
+        if not args.latency_only:
+            progress(f"\n== quality: {len(pairs)} pairs, {args.concurrency} at a time ==")
+            t = time.monotonic()
+            report["load_avg_quality_start"] = load_avg()
+            outcomes = await quality_phase(bench, pairs)
+            report["quality_s"] = round(time.monotonic() - t, 1)
+            report["load_avg_quality_end"] = load_avg()
+            report["service_after_quality"] = await service_state(client, keys, results)
+            sent = {canonical_prompt(text) for pair in pairs for text in (pair.a, pair.b)}
+
+            if args.sequential:
+                seq_pairs = fresh_rewrite_pairs(args, args.sequential, sent)
+                progress(f"\n== sequential: {len(seq_pairs)} fresh rewrite pairs, one at a "
+                         "time ==")
+                report["sequential"] = await sequential_phase(bench, seq_pairs)
+
+            if not args.no_gptcache:
+                progress(f"\n== gptcache: the same {len(outcomes)} pairs, in this process ==")
+                gpt = await asyncio.to_thread(gptcache_phase, outcomes, tmp)
+                embedding = gpt.pop("embedding")
+                report["gptcache"] = gpt
+            await asyncio.to_thread(diagnose, outcomes, embedding)
+            report["quality"] = quality_report(outcomes, gptcache=not args.no_gptcache)
 
         progress("\n== latency: semantic hits at a fixed rate ==")
-        report["latency"] = await latency_phase(bench, procs, valkey, sent)
+        runs = ("new",) if args.latency_only else ("new", "repeat")
+        report["latency"] = await latency_phase(bench, procs, valkey, sent, runs)
         await asyncio.to_thread(diagnose_latency_odd, report["latency"], embedding)
         report["service"] = await service_state(client, keys, results)
     finally:
         await results.stop()
         await client.aclose()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        remove_signal_handlers()
 
 
 # --- reports ----------------------------------------------------------------------------------
@@ -1126,15 +1017,6 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(report: dict[str, Any], out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "semantic-service-latest.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 # --- main -------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -1153,15 +1035,18 @@ def main(argv: list[str] | None = None) -> int:
             "concurrency": args.concurrency, "per_kind": args.per_kind,
             "dev_sample": args.dev_sample, "seeds": args.seeds, "rate": args.rate,
             "duration_s": args.duration, "seed": args.seed, "quick": args.quick,
+            "latency_only": args.latency_only,
             "semantic_threshold": defaults["semantic_threshold"].default,
             "semantic_verifier": defaults["semantic_verifier"].default,
             "semantic_top_k": defaults["semantic_top_k"].default,
             "gptcache_thresholds": [] if args.no_gptcache else list(GPTCACHE_THRESHOLDS),
         },
     }
-    progress("building pairs ...")
-    pairs, report["pairs"] = build_pairs(args)
-    progress(f"  {len(pairs)} pairs: {report['pairs']}")
+    pairs: list[Pair] = []
+    if not args.latency_only:
+        progress("building pairs ...")
+        pairs, report["pairs"] = build_pairs(args)
+        progress(f"  {len(pairs)} pairs: {report['pairs']}")
     tmp = Path(tempfile.mkdtemp(prefix="promptcache-semantic-bench-"))
     prefix = f"bench{uuid.uuid4().hex[:10]}"
     valkey: EmbeddedValkey | None = None
@@ -1203,7 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
         say(render(report))
     say(f"total {report['total_s']:.0f} s")
     if not args.no_write and failed is None:
-        path = write_json(report, args.output_dir)
+        path = write_json(report, args.output_dir, "semantic-service", stamped=False, indent=1)
         say(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     if failed is not None:
         return 130 if isinstance(failed, KeyboardInterrupt) else 1

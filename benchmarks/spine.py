@@ -23,12 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import ipaddress
-import json
-import os
-import platform
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -39,72 +34,29 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
 import redis  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 
-from promptcache.config import Settings  # noqa: E402
+from benchmarks.harness import (  # noqa: E402  (process, server and collector code)
+    RESULTS_DIR, STOP, Interrupted, ResultReader, _sigterm, check_loopback, cleanup, git_state,
+    install_signal_handlers, machine, percentiles, remove_signal_handlers, say, service_env,
+    start_workers, wait_for_workers, write_json)
 from ops.demo import load_prompts, retype  # noqa: E402
 from ops.embedded_servers import EmbeddedValkey  # noqa: E402
+from promptcache.config import Settings  # noqa: E402
 from promptcache.keys import REQUESTS_GROUP, Keys  # noqa: E402
 from promptcache.prompts import canonical_prompt  # noqa: E402
 from schemas.events import Request  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SHUTDOWN_RESERVE_S = 15.0  # kept back from --max-seconds for stopping workers and Valkey
-EXPECTED_WORKER_WARNINGS = {"no_database_url"}  # no DATABASE_URL on purpose: persister is off
 
 DEFAULTS = {"prompts": 40, "duration": 20.0, "throughput_requests": 5000}
 QUICK = {"prompts": 10, "duration": 5.0, "throughput_requests": 1000}
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM during the run."""
-
-
-class Stopper:
-    """Ctrl-C / SIGTERM inside the event loop set a flag that every wait checks, instead of
-    cancelling the task: cancelling redis-py (8.1) in the middle of a blocking XREAD can leave
-    the task hanging forever. If the run has not stopped FORCE_AFTER_S after the signal (or on
-    a second signal), the cleanup runs from the signal callback and the process exits."""
-
-    FORCE_AFTER_S = 8.0
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self.force: Any = None  # set by main: synchronous cleanup, then os._exit
-
-    def check(self) -> None:
-        if self.reason is not None:
-            raise Interrupted(self.reason)
-
-    def on_signal(self, sig: signal.Signals) -> None:
-        loop = asyncio.get_running_loop()
-        if self.reason is None:
-            self.reason = sig.name
-            say(f"\n{sig.name}: stopping (again to force) ...")
-            loop.call_later(self.FORCE_AFTER_S, self._force, "the run did not stop in time")
-        else:
-            self._force("second signal")
-
-    def _force(self, why: str) -> None:
-        say(f"forced cleanup: {why}")
-        if self.force is not None:
-            self.force()
-        os._exit(130)
-
-
-STOP = Stopper()
 
 
 # --- arguments --------------------------------------------------------------------------------
@@ -160,31 +112,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_loopback(p: argparse.ArgumentParser, url: str) -> None:
-    parsed = urlparse(url)
-    if parsed.scheme == "unix":
-        return
-    host = parsed.hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        p.error(f"--redis-url must point at a loopback address, not {host!r}")
-
-
-# --- statistics -------------------------------------------------------------------------------
-
-def percentiles(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    a = np.asarray(values, dtype=float)
-    p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return {"n": int(a.size), "min": round(float(a.min()), 2), "p50": round(float(p50), 2),
-            "p90": round(float(p90), 2), "p99": round(float(p99), 2),
-            "max": round(float(a.max()), 2)}
-
-
 # --- results collection -----------------------------------------------------------------------
 
 @dataclass
@@ -205,55 +132,18 @@ class Got:
     error: str | None = None
 
 
-class Collector:
-    """Reads the results stream from a cursor onwards (one XREAD loop for the whole run)."""
+class Collector(ResultReader):
+    """The results stream from a cursor onwards (one XREAD loop for the whole run), per request
+    id and per phase (ids are `<run tag>.<phase>.<i>`)."""
 
     def __init__(self, url: str, stream: str) -> None:
-        self.client = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
-        self.stream = stream
-        self.cursor = "0-0"
+        super().__init__(url, stream)
         self.got: dict[str, Got] = {}
         self.per_phase: collections.Counter[str] = collections.Counter()
-        self.duplicates: list[str] = []
         self.unknown = 0
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
-        self.error: BaseException | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        """Let the current XREAD (BLOCK 200 ms) finish rather than cancel it (see Stopper)."""
-        self._stopping = True
-        if self._task is not None:
-            await asyncio.wait({self._task}, timeout=12)  # socket_timeout 10 s
-            if not self._task.done():
-                self._task.cancel()
-                await asyncio.wait({self._task}, timeout=1)
-                return  # a connection stuck mid-read is not closed cleanly; the process exits
-        await self.client.aclose()
-
-    async def _run(self) -> None:
-        try:
-            while not self._stopping:
-                reply = await self.client.xread({self.stream: self.cursor}, count=2000, block=200)
-                now = time.monotonic()
-                for _, entries in reply or []:
-                    for mid, fields in entries:
-                        self.cursor = mid.decode()
-                        self._take(json.loads(fields[b"data"]), now)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # surfaced by wait(), which then stops the run
-            self.error = exc
-            raise
-
-    def _take(self, data: dict[str, Any], now: float) -> None:
+    def take(self, data: dict[str, Any], now: float) -> None:
         rid = data.get("request_id", "")
-        if rid in self.got:
-            self.duplicates.append(rid)
-            return
         err = data.get("error")
         self.got[rid] = Got(status=data.get("status", "?"), cache=data.get("cache"),
                             latency_ms=data.get("latency_ms"), received=now,
@@ -263,22 +153,6 @@ class Collector:
             self.per_phase[parts[1]] += 1
         else:
             self.unknown += 1
-
-    def answered(self, ids: list[str]) -> int:
-        return sum(1 for rid in ids if rid in self.got)
-
-    async def wait(self, ids: list[str], deadline: float) -> bool:
-        """True when every id has a result before `deadline` (monotonic)."""
-        pending = [rid for rid in ids if rid not in self.got]
-        while pending:
-            STOP.check()
-            if self.error is not None:
-                raise RuntimeError(f"result collector failed: {self.error!r}")
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.05)
-            pending = [rid for rid in pending if rid not in self.got]
-        return True
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -387,34 +261,6 @@ class Bench:
             out["answered_rate"] = round((len(published) - 1) * 1000
                                          / (published[-1] - published[0]), 2)
         return out
-
-
-async def wait_for_workers(url: str, keys: Keys, procs: list[subprocess.Popen[bytes]],
-                           logs: list[Path], timeout: float = 30.0) -> None:
-    client = aioredis.Redis.from_url(url, socket_timeout=5)
-    pids = {str(p.pid) for p in procs}
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            for proc, log in zip(procs, logs, strict=True):
-                if proc.poll() is not None:
-                    tail = log.read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"worker pid {proc.pid} exited with {proc.returncode} "
-                                       f"during start:\n{tail}")
-            try:
-                consumers = await client.xinfo_consumers(keys.requests, REQUESTS_GROUP)
-                ready = {c["name"].decode().rsplit("#", 1)[-1] for c in consumers} & pids
-            except redis.ResponseError:  # no stream/group yet
-                ready = set()
-            if len(ready) == len(pids):
-                return
-            STOP.check()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(ready)}/{len(pids)} workers joined the group "
-                                   f"'{REQUESTS_GROUP}' within {timeout:.0f} s")
-            await asyncio.sleep(0.1)
-    finally:
-        await client.aclose()
 
 
 def pick_prompts(args: argparse.Namespace) -> tuple[list[str], list[str], int]:
@@ -557,18 +403,14 @@ async def run(args: argparse.Namespace, url: str, prefix: str, deadline: float,
 async def run_all(args: argparse.Namespace, url: str, prefix: str, procs: list[Any],
                   logs: list[Path], started: float, deadline: float,
                   report: dict[str, Any]) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, STOP.on_signal, sig)
+    install_signal_handlers()
     try:
         await wait_for_workers(url, Keys(prefix), procs, logs)
         report["startup_s"] = round(time.monotonic() - started, 2)
         say(f"ready after {report['startup_s']:.1f} s")
         await run(args, url, prefix, deadline, report)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        signal.signal(signal.SIGTERM, _sigterm)
+        remove_signal_handlers()
 
 
 def _is_miss(i: int, share: float) -> bool:
@@ -640,7 +482,7 @@ async def _throughput(bench: Bench, warm: list[str], rng: random.Random,
 
 async def _service_state(client: aioredis.Redis, keys: Keys,
                          collector: Collector) -> dict[str, Any]:
-    state: dict[str, Any] = {"duplicate_results": len(collector.duplicates),
+    state: dict[str, Any] = {"duplicate_results": collector.duplicates,
                              "results_for_unknown_ids": collector.unknown}
     try:
         pending = await client.xpending(keys.requests, REQUESTS_GROUP)
@@ -660,167 +502,12 @@ async def _service_state(client: aioredis.Redis, keys: Keys,
 # --- processes --------------------------------------------------------------------------------
 
 def worker_env(args: argparse.Namespace, url: str, prefix: str, data_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PROMPTCACHE_") and k not in ("DATABASE_URL", "CACHE_REDIS_URL",
-                                                             "REDIS_URL")}
-    env.update(REDIS_URL=url, PROMPTCACHE_PREFIX=prefix, PROMPTCACHE_DATA_DIR=str(data_dir),
-               PROMPTCACHE_GENERATOR="procedural",
-               PROMPTCACHE_GENERATOR_LATENCY_MS=str(args.generator_latency_ms),
-               PROMPTCACHE_LOG_LEVEL="WARNING", PROMPTCACHE_LOG_FORMAT="json",
-               PYTHONUNBUFFERED="1")
+    """No DATABASE_URL (persister off), the cache in the same Valkey, the procedural generator."""
+    env = service_env(url, prefix, data_dir, PROMPTCACHE_GENERATOR="procedural",
+                      PROMPTCACHE_GENERATOR_LATENCY_MS=str(args.generator_latency_ms))
     if args.generation_concurrency:
         env["PROMPTCACHE_GENERATION_CONCURRENCY"] = str(args.generation_concurrency)
     return env
-
-
-def start_workers(n: int, env: dict[str, str], log_dir: Path
-                  ) -> tuple[list[subprocess.Popen[bytes]], list[Path]]:
-    procs, logs = [], []
-    for i in range(n):
-        log = log_dir / f"worker-{i + 1}.stderr"
-        with log.open("wb") as fh:
-            # own session: a Ctrl-C in the terminal reaches only us; we SIGTERM them ourselves
-            procs.append(subprocess.Popen([sys.executable, "-m", "ops", "worker"], env=env,
-                                          cwd=REPO, stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.DEVNULL, stderr=fh,
-                                          start_new_session=True))
-        logs.append(log)
-    return procs, logs
-
-
-def stop_workers(procs: list[subprocess.Popen[bytes]], timeout: float = 12.0) -> list[dict]:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    stopped = []
-    for proc in procs:
-        killed = False
-        try:
-            proc.wait(max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            killed = True
-        stopped.append({"pid": proc.pid, "returncode": proc.returncode, "killed": killed})
-    return stopped
-
-
-def worker_health(url: str, keys: Keys) -> list[dict[str, Any]]:
-    """The counters each worker writes to its health key when it stops."""
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    try:
-        rows = []
-        for key in client.scan_iter(match=keys.health("*"), count=100):
-            raw = client.get(key)
-            if raw:
-                rows.append(json.loads(raw))
-        return sorted(rows, key=lambda r: r.get("consumer", ""))
-    finally:
-        client.close()
-
-
-def delete_prefix(url: str, prefix: str) -> int:
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    try:
-        deleted = 0
-        batch = []
-        for key in client.scan_iter(match=f"{prefix}:*", count=500):
-            batch.append(key)
-            if len(batch) >= 500:
-                deleted += client.unlink(*batch)
-                batch = []
-        if batch:
-            deleted += client.unlink(*batch)
-        return deleted
-    finally:
-        client.close()
-
-
-def _exception_site(entry: dict[str, Any]) -> str | None:
-    """`ExcType: message at file:line in fn` (innermost project frame) from a structlog
-    dict_tracebacks `exception` field."""
-    chain = entry.get("exception")
-    if not isinstance(chain, list) or not chain:
-        return None
-    exc = chain[-1]
-    frames = exc.get("frames") or []
-    ours = [f for f in frames if str(f.get("filename", "")).startswith(str(REPO))
-            and "/.venv/" not in str(f.get("filename", ""))]
-    frame = (ours or frames or [{}])[-1]
-    where = (f" at {Path(str(frame.get('filename', '?'))).relative_to(REPO)}:"
-             f"{frame.get('lineno')} in {frame.get('name')}" if ours else "")
-    return f"{exc.get('exc_type')}: {str(exc.get('exc_value'))[:120]}{where}"
-
-
-def scan_worker_logs(logs: list[Path]) -> dict[str, Any]:
-    events: collections.Counter[str] = collections.Counter()
-    exceptions: collections.Counter[str] = collections.Counter()
-    samples: list[str] = []
-    unparsed = 0
-    for log in logs:
-        if not log.exists():
-            continue
-        for line in log.read_text(errors="replace").splitlines():
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                name = f"{entry.get('level', '?')}:{entry.get('event', '?')}"
-            except (ValueError, AttributeError):
-                unparsed += 1
-                name = None
-            if name is not None:
-                events[name] += 1
-                if (site := _exception_site(entry)) is not None:
-                    exceptions[f"{entry.get('event')}: {site}"] += 1
-                if name.split(":", 1)[1] in EXPECTED_WORKER_WARNINGS:
-                    continue
-            if len(samples) < 20:
-                samples.append(f"{log.name}: {line[:500]}")
-    unexpected = {k: v for k, v in events.items()
-                  if k.split(":", 1)[1] not in EXPECTED_WORKER_WARNINGS}
-    return {"events": dict(events), "unexpected_events": unexpected,
-            "exceptions": dict(exceptions.most_common()), "unparsed_lines": unparsed,
-            "samples": samples}
-
-
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-    }
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-        with open("/proc/meminfo") as fh:
-            info["mem_total_mb"] = int(fh.readline().split()[1]) // 1024
-    except OSError:
-        pass
-    try:
-        info["load_avg_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
-    return info
-
-
-def git_state() -> dict[str, Any]:
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True,
-                              timeout=5).stdout.strip()
-    try:
-        return {"commit": git("rev-parse", "HEAD"),
-                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.SubprocessError):
-        return {}
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -915,52 +602,7 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(report: dict[str, Any], out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = out_dir / f"spine-{stamp}.json"
-    text = json.dumps(report, indent=2, sort_keys=False, default=str) + "\n"
-    for target in (path, out_dir / "spine-latest.json"):
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
-    return path
-
-
 # --- main -------------------------------------------------------------------------------------
-
-def _sigterm(*_: object) -> None:
-    raise KeyboardInterrupt("SIGTERM")
-
-
-def cleanup(args: argparse.Namespace, report: dict[str, Any], procs: list[Any],
-            logs: list[Path], valkey: EmbeddedValkey | None, url: str | None, prefix: str,
-            tmp: Path) -> None:
-    """Stop the workers (SIGTERM), read their counters, stop Valkey, remove the temp dir.
-    Idempotent; bounded (12 s for the workers, 10 s for Valkey)."""
-    if report.get("cleaned_up"):
-        return
-    report["cleaned_up"] = True
-    workers: dict[str, Any] = {"stopped": stop_workers(procs)}
-    if url is not None:
-        try:
-            workers["health"] = worker_health(url, Keys(prefix))
-        except redis.RedisError as exc:
-            workers["health_error"] = repr(exc)
-    workers["logs"] = scan_worker_logs(logs)
-    report["workers"] = workers
-    if valkey is not None:
-        valkey.stop()
-    elif url is not None:
-        try:
-            report["deleted_keys"] = delete_prefix(url, prefix)
-        except redis.RedisError as exc:
-            report["delete_error"] = repr(exc)
-    if args.keep_temp:
-        say(f"temp dir kept: {tmp}")
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -1029,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     say(render(report))
     say(f"total {report['total_s']:.1f} s")
     if not args.no_write and failed is None:
-        path = write_json(report, args.output_dir)
+        path = write_json(report, args.output_dir, "spine")
         say(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path} "
             f"and spine-latest.json")
     if failed is not None:
