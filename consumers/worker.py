@@ -129,8 +129,9 @@ class Worker:
         log.info("worker_started", consumer=self.consumer, stream=self.keys.requests)
         for stage in (self.fast, self.slow):
             await stage.ensure_group()
-        if self.publisher.durable:  # a durable worker that died between its two steps
-            await self._retrying(self.publisher.flush_stale)
+        if self.publisher.durable:
+            await self.publisher.check_durable()
+            await self._retrying(self.publisher.flush_stale)  # a worker died between steps
         helpers = [asyncio.create_task(self.fast.renew_leases()),
                    asyncio.create_task(self.slow.renew_leases()),
                    asyncio.create_task(self._report_health())]

@@ -15,6 +15,8 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
+from promptcache.errors import ConfigError
+
 log = structlog.get_logger(__name__)
 
 
@@ -343,6 +345,16 @@ class Publisher:
             for (i, _), f in zip(staged, published, strict=True):
                 flags[i] = int(f) or flags[i]
         return flags
+
+    async def check_durable(self) -> None:
+        """Durable mode needs the streams server's append-only file: say so at start, not on
+        every batch."""
+        try:
+            await self.redis.execute_command("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS)
+        except ResponseError as exc:
+            raise ConfigError(
+                f"PROMPTCACHE_DURABLE_RESULTS=true needs the streams server to run with "
+                f"appendonly yes (WAITAOF answered: {exc})") from exc
 
     async def flush_stale(self, older_than: timedelta = timedelta(seconds=10)) -> int:
         return await flush_outbox(self.redis, self.outbox, self.results_stream, older_than)

@@ -444,3 +444,16 @@ async def test_durable_results_stay_unseen_until_on_disk_and_survive_a_crash_bet
     assert await flush_outbox(redis, keys.outbox, keys.results, timedelta(0)) == 0
     data = sorted(f[b"data"].decode() for _, f in await redis.xrange(keys.results))
     assert data == ['{"request_id":"s0"}', '{"request_id":"s1"}']
+
+
+async def test_durable_mode_without_an_append_only_file_is_a_clear_config_error(
+        redis, keys, settings):
+    from promptcache.errors import ConfigError
+
+    durable = settings.model_copy(update={"durable_results": True})
+    await redis.config_set("appendonly", "no")
+    try:
+        with pytest.raises(ConfigError, match="appendonly yes"):
+            await worker_for(durable, redis, CountingGenerator()).run(burst=True)
+    finally:
+        await redis.config_set("appendonly", "yes")
