@@ -55,7 +55,7 @@ async def test_a_dead_holders_lock_is_taken_over_within_its_ttl(redis, keys, tmp
     waited = time.monotonic() - started
     [result] = await results_for(redis, keys.results, "after-death")
     assert result.status == "ok" and result.cache == "miss" and len(gen.calls) == 1
-    assert waited > 1.0, waited  # it waited for the dead holder's lock to run out, no more
+    assert waited > 1.0, waited  # it waited for the dead holder's lock to run out
     assert not await redis.exists(flight.lock_name(key))  # and released its own
 
 

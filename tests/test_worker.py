@@ -109,7 +109,12 @@ async def test_pending_entries_of_a_dead_consumer_are_taken_over(redis, keys, tm
     # a consumer reads it and dies without acking
     taken = await redis.xreadgroup(REQUESTS_GROUP, "dead#1", {keys.requests: ">"}, count=10)
     assert len(taken[0][1]) == 1
-    await asyncio.sleep(0.4)
+
+    async def idle_past_claim_idle() -> bool:
+        [entry] = await redis.xpending_range(keys.requests, REQUESTS_GROUP, "-", "+", 1)
+        return entry["time_since_delivered"] > 300
+
+    await wait_until(idle_past_claim_idle)
     gen = CountingGenerator()
     await worker_for(settings, redis, gen, consumer="alive").run(burst=True)
     [result] = await results_for(redis, keys.results, "orphan")
@@ -128,8 +133,9 @@ async def test_long_generation_renews_its_lease_and_is_not_stolen(redis, keys, t
         await wait_until(lambda: _has_pending(redis, keys, "owner"))
         async with running(thief):
             await wait_until(lambda: _result_count(redis, keys, "long"), timeout=10)
-            await asyncio.sleep(0.5)
+    # both stopped (each finishes what it holds first): a theft would show by now
     assert thief_gen.calls == [] and len(slow.calls) == 1
+    assert (await redis.xpending(keys.generate, GENERATE_GROUP))["pending"] == 0
     assert len(await results_for(redis, keys.results, "long")) == 1
 
 
