@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from promptcache import intake
 from promptcache.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
+from tests.helpers import process_env
 
 pytestmark = pytest.mark.slow
 
@@ -45,13 +46,10 @@ class Running:
 def worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     keys = Keys(f"t{uuid.uuid4().hex[:10]}")
     tmp = tmp_path_factory.mktemp("hostile")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PROMPTCACHE_") and k not in ("REDIS_URL", "CACHE_REDIS_URL",
-                                                             "DATABASE_URL")}
-    env.update(REDIS_URL=redis_url, PROMPTCACHE_PREFIX=keys.prefix,
-               PROMPTCACHE_DATA_DIR=str(tmp / "data"), PROMPTCACHE_GENERATOR_LATENCY_MS="0",
-               PROMPTCACHE_BLOCK="100ms", PROMPTCACHE_LOG_LEVEL="ERROR",
-               PROMPTCACHE_EMBEDDINGS="off")
+    env = process_env(REDIS_URL=redis_url, PROMPTCACHE_PREFIX=keys.prefix,
+                      PROMPTCACHE_DATA_DIR=str(tmp / "data"), PROMPTCACHE_GENERATOR_LATENCY_MS="0",
+                      PROMPTCACHE_BLOCK="100ms", PROMPTCACHE_LOG_LEVEL="ERROR",
+                      PROMPTCACHE_EMBEDDINGS="off")
     with open(tmp / "worker.log", "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "ops", "worker"], env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
