@@ -98,6 +98,36 @@ def settings(tmp_path: Path, redis_url: str, keys: Keys) -> Settings:
     return make_settings(tmp_path, redis_url, keys)
 
 
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real local embedding model (all-MiniLM-L6-v2, the default int8 ONNX runtime): its
+    graph built once for the session and shared by every test that runs the model."""
+    from promptcache.semantic.embeddings import LocalEmbedder
+
+    path = tmp_path_factory.mktemp("models")
+
+    async def build() -> None:
+        model = LocalEmbedder(cache_dir=path)
+        try:
+            await model.load()
+        finally:
+            await model.aclose()
+
+    asyncio.run(build())
+    return path
+
+
+def local_model_settings(tmp_path: Path, redis_url: str, keys: Keys, models: Path,
+                         **overrides: object) -> Settings:
+    """Settings with the semantic tier on the real local model, whose graph is read from the
+    session's `models_dir` (a worker finds it at data_dir/models)."""
+    data = tmp_path / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    if not (data / "models").exists():
+        (data / "models").symlink_to(models, target_is_directory=True)
+    return make_settings(tmp_path, redis_url, keys, **{"embeddings": "local", **overrides})
+
+
 def make_settings(tmp_path: Path, redis_url: str, keys: Keys, **overrides: object) -> Settings:
     values: dict[str, object] = dict(
         redis_url=redis_url, prefix=keys.prefix, data_dir=tmp_path / "data",

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis as syncredis
 import redis.asyncio as aioredis
@@ -17,7 +21,7 @@ from promptcache.config import Settings
 from promptcache.errors import GenerationRejected
 from promptcache.generators.base import GeneratedImage, GenerationRequest
 from promptcache.generators.procedural import ProceduralGenerator
-from promptcache.keys import Keys
+from promptcache.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
 from consumers.wiring import build_worker
 from consumers.worker import Worker
 from schemas.events import Request, Result
@@ -111,3 +115,70 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
 
 def stream_results(r: syncredis.Redis, keys: Keys) -> list[Result]:
     return [Result.model_validate_json(f[b"data"]) for _, f in r.xrange(keys.results)]
+
+
+def send_request(r: syncredis.Redis, keys: Keys, request_id: str, prompt: str) -> None:
+    r.xadd(keys.requests, {"data": Request(request_id=request_id, prompt=prompt)
+                           .model_dump_json(exclude_none=True)})
+
+
+def group_state(r: syncredis.Redis, stream: str, group: str) -> tuple[int, int]:
+    """(pending, lag) of a consumer group; (0, 0) while the stream or group does not exist."""
+    try:
+        info = next((g for g in r.xinfo_groups(stream) if g["name"] == group.encode()), None)
+    except syncredis.ResponseError:
+        return 0, 0
+    if info is None:
+        return 0, 0
+    return int(info["pending"]), int(info["lag"] or 0)
+
+
+def pending(r: syncredis.Redis, stream: str, group: str) -> int:
+    return group_state(r, stream, group)[0]
+
+
+def held(r: syncredis.Redis, keys: Keys) -> int:
+    """Entries held by some worker, on either stage (requests, generation jobs)."""
+    return pending(r, keys.requests, REQUESTS_GROUP) + pending(r, keys.generate, GENERATE_GROUP)
+
+
+def workers_idle(r: syncredis.Redis, keys: Keys) -> bool:
+    """Every request and generation job read and acknowledged, on both stages."""
+    return all(group_state(r, stream, group) == (0, 0) for stream, group in (
+        (keys.requests, REQUESTS_GROUP), (keys.generate, GENERATE_GROUP)))
+
+
+def start_worker(env: dict[str, str], log_dir: Path | None = None) -> subprocess.Popen[bytes]:
+    """A `promptcache worker` process; its stderr goes to a file in `log_dir` (or nowhere)."""
+    if log_dir is None:
+        return subprocess.Popen([sys.executable, "-m", "ops", "worker"], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / f"worker-{time.monotonic_ns()}.log", "wb") as err:
+        return subprocess.Popen([sys.executable, "-m", "ops", "worker"], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process still running, wait for each (SIGKILL one that hangs)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@contextmanager
+def workers(env: dict[str, str], n: int = 1,
+            log_dir: Path | None = None) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """n `promptcache worker` processes, stopped (and waited for) on the way out."""
+    procs = [start_worker(env, log_dir) for _ in range(n)]
+    try:
+        yield procs
+    finally:
+        stop_processes(procs)

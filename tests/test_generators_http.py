@@ -167,10 +167,10 @@ async def test_retry_after_past_the_deadline_fails_fast(backend: Backend, server
     server.on(backend.method, backend.path,
               Reply(429, json={"error": "busy"}, headers={"Retry-After": "30"}))
     async with opened(backend.generator(server.url, timeout=3)) as gen:
-        started = time.monotonic()
-        with pytest.raises(GeneratorTimeout, match="would pass"):
+        with capture_logs() as logs, pytest.raises(GeneratorTimeout, match="would pass"):
             await gen.generate(make_request(model=gen.default_model))
-    assert time.monotonic() - started < 1.0
+    # failed at once: no retry was scheduled (the retry log comes just before its sleep)
+    assert [entry for entry in logs if entry["event"] == "generator_retry"] == []
     assert len(server.calls(backend.method, backend.path)) == 1
 
 
@@ -207,11 +207,13 @@ async def test_slow_server_times_out_within_the_deadline(backend: Backend, serve
     server.on(backend.method, backend.path, Reply(json=backend.ok(png_b64()), delay=10))
     async with opened(backend.generator(server.url, timeout=0.5)) as gen:
         started = time.monotonic()
-        with pytest.raises(GeneratorTimeout) as info:
+        with pytest.raises(GeneratorTimeout) as info:  # the reply would take 10 s
             await gen.generate(make_request(model=gen.default_model))
         elapsed = time.monotonic() - started
     assert info.value.code == "generator_timeout"
-    assert 0.4 <= elapsed < 1.5
+    assert "no answer within the 0.5s deadline" in str(info.value)
+    assert elapsed >= 0.4  # it did wait for the deadline
+    assert len(server.calls(backend.method, backend.path)) == 1  # no retry past the deadline
 
 
 async def test_garbage_image_is_a_bad_response(backend: Backend, server: FakeServer) -> None:
@@ -314,10 +316,8 @@ async def test_runpod_deadline_while_polling_cancels_the_job(server: FakeServer)
     server.on("GET", "/status/job-5", Reply(json={"id": "job-5", "status": "IN_QUEUE"}))
     server.on("POST", "/cancel/job-5", Reply(json={"id": "job-5", "status": "CANCELLED"}))
     async with opened(RUNPOD.generator(server.url, timeout=0.4)) as gen:
-        started = time.monotonic()
-        with pytest.raises(GeneratorTimeout):
+        with pytest.raises(GeneratorTimeout, match="0.4s"):
             await gen.generate(make_request())
-    assert time.monotonic() - started < 1.2
     assert len(server.calls("GET", "/status/job-5")) >= 3
     [cancel] = server.calls("POST", "/cancel/job-5")
     assert cancel.headers["authorization"] == f"Bearer {SECRET}"

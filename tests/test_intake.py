@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from promptcache import intake
-from schemas.events import Request
+from schemas.events import REQUEST_ID_PATTERN, STREAM_NAME_PATTERN, Request
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),
@@ -20,7 +22,21 @@ json_values = st.recursive(
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.binary(max_size=10), st.binary(max_size=300), max_size=4))
 def test_arbitrary_fields_decode_to_something(fields):
-    assert isinstance(intake.decode(fields), Request | intake.Rejected | intake.Undeliverable)
+    decoded = intake.decode(fields)
+    raw = fields.get(b"data")
+    if raw is None:
+        assert isinstance(decoded, intake.Undeliverable), decoded
+        return
+    try:
+        payload = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # not JSON: answered only when a request id can be read from the bytes
+        assert not isinstance(decoded, Request), decoded
+        if b'"request_id"' not in raw:
+            assert isinstance(decoded, intake.Undeliverable), decoded
+        return
+    if not isinstance(payload, dict):  # JSON, but not an object: nobody to answer
+        assert isinstance(decoded, intake.Undeliverable), decoded
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
@@ -28,9 +44,24 @@ def test_arbitrary_fields_decode_to_something(fields):
                                         "negative_prompt", "x"]), json_values, max_size=6))
 def test_arbitrary_json_objects_decode_to_something(payload):
     decoded = intake.decode({b"data": json.dumps(payload).encode()})
-    assert isinstance(decoded, Request | intake.Rejected | intake.Undeliverable)
-    if isinstance(decoded, intake.Rejected):
-        assert decoded.request_id == payload["request_id"]
+    try:
+        valid: Request | None = Request.model_validate(payload)
+    except ValidationError:
+        valid = None
+    if valid is not None:  # a valid request is never refused, and is decoded as it is
+        assert decoded == valid
+        return
+    request_id = payload.get("request_id")
+    if isinstance(request_id, str) and re.fullmatch(REQUEST_ID_PATTERN, request_id):
+        # the id is readable: the producer hears back, on its reply stream when that is valid
+        assert isinstance(decoded, intake.Rejected), decoded
+        assert decoded.request_id == request_id and decoded.error.code in (
+            "invalid_request", "prompt_too_long")
+        reply_to = payload.get("reply_to")
+        if not (isinstance(reply_to, str) and re.fullmatch(STREAM_NAME_PATTERN, reply_to)):
+            assert decoded.reply_to is None
+    else:
+        assert isinstance(decoded, intake.Undeliverable), decoded
 
 
 def test_oversized_entry_is_rejected_by_id_when_the_id_is_readable():

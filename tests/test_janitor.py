@@ -8,6 +8,7 @@ from datetime import timedelta
 from consumers.janitor import Janitor, safe_trim_id
 from promptcache.keys import REQUESTS_GROUP
 from promptcache.streams import ensure_group
+from tests.conftest import wait_until
 from tests.helpers import CountingGenerator, send, worker_for
 
 
@@ -43,6 +44,13 @@ async def test_change_events_are_kept_for_their_retention(redis, keys):
     await redis.xack(keys.changes, PERSISTER_GROUP, *[m for m, _ in got[0][1]])
     await _janitor(redis, keys, changes_retention=timedelta(hours=1)).trim_streams()
     assert await redis.xlen(keys.changes) == 3  # read by every group, but recent
+    [(last, _)] = await redis.xrevrange(keys.changes, count=1)
+    last_ms = int(last.split(b"-")[0])
+
+    async def clock_past_the_last_event() -> bool:  # ids are milliseconds: MINID keeps `now`'s
+        return int(time.time() * 1000) > last_ms
+
+    await wait_until(clock_past_the_last_event)
     await _janitor(redis, keys, changes_retention=timedelta(0)).trim_streams()
     assert await redis.xlen(keys.changes) == 0
 
@@ -71,7 +79,11 @@ async def test_only_one_janitor_works_at_a_time_and_a_dead_ones_lock_expires(red
     second = _janitor(redis, keys, "j2", lock_ttl=timedelta(milliseconds=300))
     assert await first._hold_lock() and not await second._hold_lock()
     assert await first._hold_lock()  # the holder extends it
-    await asyncio.sleep(0.4)  # j1 "crashed": its lock ran out
+
+    async def lock_ran_out() -> bool:  # j1 "crashed": nobody extends its lock
+        return not await redis.exists(keys.janitor_lock)
+
+    await wait_until(lock_ran_out, timeout=10)
     assert await second._hold_lock() and not await first._hold_lock()
     await redis.delete(keys.janitor_lock)
 
@@ -83,7 +95,7 @@ import os  # noqa: E402
 import time  # noqa: E402
 
 from consumers.wiring import blob_store, registry, streams_client  # noqa: E402
-from tests.conftest import make_settings, wait_until  # noqa: E402
+from tests.conftest import make_settings  # noqa: E402
 from tests.helpers import results, running  # noqa: E402
 
 
@@ -145,10 +157,14 @@ async def test_expired_entries_are_gone_within_one_interval(redis, keys, tmp_pat
     await send(redis, keys.requests, request_id="t1", prompt="a fading photograph")
     await worker_for(settings, redis, CountingGenerator()).run(burst=True)
     assert _disk_bytes(settings) > 0
-    time.sleep(1.2)
+    reg = registry(redis, keys, blob_store(settings), settings)
+
+    async def unused_for_a_ttl() -> bool:  # the janitor's own test: last use before now - ttl
+        return bool(await reg.expired(time.time() - 1.0, limit=1))
+
+    await wait_until(unused_for_a_ttl, timeout=10, interval=0.05)
     janitor = _full_janitor(redis, keys, settings)
     await janitor.run(burst=True)
-    reg = registry(redis, keys, blob_store(settings), settings)
     assert await reg.count() == 0 and await reg.stored() == 0
     assert _disk_bytes(settings) == 0
     assert not [k async for k in redis.scan_iter(match=keys.exact("*"))]
@@ -159,18 +175,27 @@ async def test_expired_entries_are_gone_within_one_interval(redis, keys, tmp_pat
 
 
 async def test_hits_keep_an_entry_alive(redis, keys, tmp_path, redis_url):
-    settings = make_settings(tmp_path, redis_url, keys, ttl="2s")
+    ttl = 3.0
+    settings = make_settings(tmp_path, redis_url, keys, ttl=f"{ttl:g}s")
     gen = CountingGenerator()
+    created = time.time()
     await send(redis, keys.requests, request_id="h0", prompt="a well-loved picture")
     await worker_for(settings, redis, gen).run(burst=True)
     janitor = _full_janitor(redis, keys, settings)
-    for i in range(1, 4):
-        time.sleep(0.8)
-        await send(redis, keys.requests, request_id=f"h{i}", prompt="a well-loved picture")
+    reg = registry(redis, keys, blob_store(settings), settings)
+
+    async def unused_for_a_third_of_the_ttl() -> bool:
+        return bool(await reg.expired(time.time() - ttl / 3, limit=1))
+
+    hits = 0
+    while time.time() - created <= ttl + 0.5:  # until it would have expired without the hits
+        await wait_until(unused_for_a_third_of_the_ttl, timeout=10, interval=0.05)
+        hits += 1
+        await send(redis, keys.requests, request_id=f"h{hits}", prompt="a well-loved picture")
         await worker_for(settings, redis, gen).run(burst=True)
         await janitor.run(burst=True)
-    assert [r.cache for r in await results(redis, keys.results)] == ["miss"] + ["exact"] * 3
-    assert janitor.evicted == {}
+    assert [r.cache for r in await results(redis, keys.results)] == ["miss"] + ["exact"] * hits
+    assert janitor.evicted == {} and await reg.count() == 1
 
 
 async def test_racing_janitors_never_double_free(redis, keys, tmp_path, redis_url):
@@ -184,11 +209,16 @@ async def test_racing_janitors_never_double_free(redis, keys, tmp_path, redis_ur
     reg_b = registry(redis, keys, blob_store(settings), settings)
     reg_a.limit_bytes = reg_b.limit_bytes = before // 3
     # two evictors at once (a janitor restarted mid-eviction, and a writer making room)
-    await asyncio.gather(reg_a.evict_lru(reason="storage_limit"),
-                         reg_b.evict_lru(reason="storage_limit"))
+    by_a, by_b = await asyncio.gather(reg_a.evict_lru(reason="storage_limit"),
+                                      reg_b.evict_lru(reason="storage_limit"))
     stored = await reg_a.stored()
     assert stored == _disk_bytes(settings) <= before // 3
-    assert stored >= 0
+    # each entry was freed by one evictor only (so one eviction event each), none a survivor
+    evicted = [e.entry.entry_id for e in by_a + by_b]
+    survivors = {k.decode() for k in await redis.hkeys(keys.entries)}
+    assert len(evicted) == len(set(evicted)) == 30 - await reg_a.count() > 0
+    assert not survivors & set(evicted)
+    assert sum(e.freed for e in by_a + by_b) == before - stored
 
 
 async def test_orphan_files_and_entries_without_files_are_swept(redis, keys, tmp_path, redis_url):
@@ -223,7 +253,12 @@ async def test_idle_consumers_with_nothing_pending_are_removed(redis, keys, sett
     await redis.xreadgroup(REQUESTS_GROUP, "gone#1", {keys.requests: ">"}, count=1)
     await send(redis, keys.requests, request_id="held", prompt="x")
     await redis.xreadgroup(REQUESTS_GROUP, "busy#2", {keys.requests: ">"}, count=1)
-    time.sleep(0.3)
+
+    async def both_idle() -> bool:
+        return all(c["idle"] > 250 for c in await redis.xinfo_consumers(keys.requests,
+                                                                         REQUESTS_GROUP))
+
+    await wait_until(both_idle, timeout=10)
     janitor = _full_janitor(redis, keys, settings, consumer_idle=timedelta(milliseconds=200))
     assert await janitor.remove_dead_consumers() == 1
     names = [c["name"] for c in await redis.xinfo_consumers(keys.requests, REQUESTS_GROUP)]

@@ -299,7 +299,11 @@ ALLOWED = [
 
 @pytest.mark.parametrize("prompt", ALLOWED)
 def test_prompts_with_risky_looking_words_are_not_refused(prompt):
-    optimize(prompt)
+    optimized = optimize(prompt)  # raises Refused if it were refused
+    # ... and nothing was quietly taken out instead: every word reaches the key and the generator
+    words = set(re.findall(r"[a-z]+", prompt.lower()))
+    assert words <= set(re.findall(r"[a-z]+", optimized.key_prompt.lower()))
+    assert words <= set(re.findall(r"[a-z]+", optimized.prompt_used.lower()))
 
 
 def test_a_minor_term_with_a_sexual_term_is_refused_whatever_the_context():

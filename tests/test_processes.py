@@ -1,4 +1,6 @@
-"""The real processes: `promptcache worker` under signals, `promptcache up` end to end, the CLI."""
+"""The real processes: `promptcache worker` under SIGTERM, `promptcache up` end to end, the CLI.
+
+Killed processes and servers: tests/test_chaos.py."""
 
 from __future__ import annotations
 
@@ -15,9 +17,7 @@ import pytest
 import redis as syncredis
 
 from ops.embedded_servers import free_port
-from promptcache.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
-from schemas.events import Request
-from tests.helpers import process_env
+from tests.helpers import held, process_env, send_request
 from tests.helpers import stream_results as _results
 from tests.helpers import wait_for as _wait
 
@@ -35,21 +35,6 @@ def _cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.Com
                           capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def _send(r: syncredis.Redis, keys: Keys, request_id: str, prompt: str) -> None:
-    r.xadd(keys.requests, {"data": Request(request_id=request_id, prompt=prompt).model_dump_json()})
-
-
-def _pending(r: syncredis.Redis, keys: Keys) -> int:
-    """Entries held by some worker, on either stage (requests, generation jobs)."""
-    held = 0
-    for stream, group in ((keys.requests, REQUESTS_GROUP), (keys.generate, GENERATE_GROUP)):
-        try:
-            held += int(r.xpending(stream, group)["pending"])
-        except syncredis.ResponseError:
-            pass
-    return held
-
-
 def test_sigterm_finishes_in_flight_generation_and_exits_cleanly(redis_url, keys, tmp_path):
     env = _env(tmp_path, REDIS_URL=redis_url, PROMPTCACHE_PREFIX=keys.prefix,
                PROMPTCACHE_GENERATOR_LATENCY_MS="1500")
@@ -57,8 +42,8 @@ def test_sigterm_finishes_in_flight_generation_and_exits_cleanly(redis_url, keys
     worker = subprocess.Popen([sys.executable, "-m", "ops", "worker"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _send(r, keys, "term-1", "a lantern in the rain")
-        _wait(lambda: _pending(r, keys) == 1, 20, "the worker to take the request")
+        send_request(r, keys, "term-1", "a lantern in the rain")
+        _wait(lambda: held(r, keys) == 1, 20, "the worker to take the request")
         worker.send_signal(signal.SIGTERM)
         _, err = worker.communicate(timeout=30)
     finally:
@@ -66,37 +51,8 @@ def test_sigterm_finishes_in_flight_generation_and_exits_cleanly(redis_url, keys
         worker.wait(10)
     assert worker.returncode == 0, err[-2000:]
     assert [x.request_id for x in _results(r, keys)] == ["term-1"]
-    assert _pending(r, keys) == 0
+    assert held(r, keys) == 0
     assert '"worker_stopped"' in err
-
-
-@pytest.mark.chaos
-def test_sigkill_mid_generation_loses_nothing(redis_url, keys, tmp_path):
-    env = _env(tmp_path, REDIS_URL=redis_url, PROMPTCACHE_PREFIX=keys.prefix,
-               PROMPTCACHE_GENERATOR_LATENCY_MS="3000", PROMPTCACHE_CLAIM_IDLE="1s",
-               PROMPTCACHE_FLIGHT_LOCK_TTL="2s")  # the victim's single-flight locks expire
-    r = syncredis.Redis.from_url(redis_url)
-    victim = subprocess.Popen([sys.executable, "-m", "ops", "worker"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for i in range(3):
-            _send(r, keys, f"kill-{i}", f"interrupted painting {i}")
-        _wait(lambda: _pending(r, keys) == 3 and r.xlen(keys.generate) == 3, 20,
-              "the victim to take all three")
-    finally:
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(10)
-    env["PROMPTCACHE_GENERATOR_LATENCY_MS"] = "100"
-    rescuer = subprocess.Popen([sys.executable, "-m", "ops", "worker"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait(lambda: len(_results(r, keys)) == 3, 30, "the rescuer to answer all three")
-        time.sleep(0.5)
-    finally:
-        rescuer.send_signal(signal.SIGTERM)
-        rescuer.wait(30)
-    assert sorted(x.request_id for x in _results(r, keys)) == ["kill-0", "kill-1", "kill-2"]
-    assert _pending(r, keys) == 0
 
 
 def test_commands_without_their_server_say_so(tmp_path):
@@ -186,78 +142,3 @@ def test_up_serves_the_demo_submit_stats_and_purge_then_stops_cleanly(tmp_path):
     assert up.returncode == 0, err[-3000:]
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", "processes left running after up stopped"
-
-
-@pytest.mark.chaos
-def test_streams_redis_killed_and_restarted_with_aof_loses_nothing(tmp_path, keys):
-    from ops.embedded_servers import EmbeddedValkey
-
-    server = EmbeddedValkey(tmp_path / "valkey").start()
-    env = _env(tmp_path, REDIS_URL=server.url, PROMPTCACHE_PREFIX=keys.prefix,
-               PROMPTCACHE_GENERATOR_LATENCY_MS="300", PROMPTCACHE_CLAIM_IDLE="2s")
-    # its log goes to a file: a pipe nobody reads fills up during the outage and blocks it
-    log_file = (tmp_path / "worker.log").open("w")
-    worker = subprocess.Popen([sys.executable, "-m", "ops", "worker"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=log_file, text=True)
-    try:
-        r = syncredis.Redis.from_url(server.url)
-        for i in range(20):
-            _send(r, keys, f"before-{i}", f"prompt {i % 7}")
-        time.sleep(0.5)  # some answered, some in flight
-        server.kill()  # SIGKILL: no shutdown, no final fsync
-        time.sleep(1.0)
-        server = EmbeddedValkey(server.data_dir, port=server.port).start()
-        r = syncredis.Redis.from_url(server.url)
-        for i in range(10):
-            _send(r, keys, f"after-{i}", f"prompt {i % 7}")
-        expected = {f"before-{i}" for i in range(20)} | {f"after-{i}" for i in range(10)}
-        _wait(lambda: {x.request_id for x in _results(r, keys)} == expected, 60,
-              "every request answered after the restart")
-        time.sleep(0.5)
-        ids = [x.request_id for x in _results(r, keys)]
-        assert len(ids) == len(set(ids)) == 30  # none twice
-        assert _pending(r, keys) == 0
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        finally:
-            worker.kill()
-            server.stop()
-
-
-@pytest.mark.chaos
-async def test_cache_store_down_then_back_bypasses_then_caches_again(redis_url, keys, tmp_path):
-    """CACHE_REDIS_URL on its own server: while it is down every request is still answered
-    (`bypass`); once it is back the cache is used again without a restart."""
-    from ops.embedded_servers import EmbeddedValkey
-    from consumers.wiring import cache_client, streams_client
-    from tests.conftest import make_settings
-    from tests.helpers import CountingGenerator, worker_for
-
-    cache_server = EmbeddedValkey(tmp_path / "cache").start()
-    settings = make_settings(tmp_path, redis_url, keys, cache_redis_url=cache_server.url)
-    streams = streams_client(redis_url)
-    cache = cache_client(cache_server.url, settings)
-    sync = syncredis.Redis.from_url(redis_url)
-    try:
-        async def ask(request_id: str) -> str:
-            await streams.xadd(keys.requests, {"data": Request(
-                request_id=request_id, prompt="a lighthouse in fog").model_dump_json()})
-            await worker_for(settings, streams, CountingGenerator(), cache_redis=cache).run(
-                burst=True)
-            return next(x.cache for x in _results(sync, keys) if x.request_id == request_id)
-
-        assert await ask("c1") == "miss"
-        assert await ask("c2") == "exact"
-        cache_server.stop()
-        started = time.monotonic()
-        assert await ask("c3") == "bypass"
-        assert time.monotonic() - started < 5
-        cache_server = EmbeddedValkey(cache_server.data_dir, port=cache_server.port).start()
-        assert await ask("c4") == "exact"  # the AOF kept the entry; the client reconnected
-    finally:
-        await streams.aclose()
-        await cache.aclose()
-        sync.close()
-        cache_server.stop()

