@@ -205,6 +205,7 @@ class Worker:
         if lookups:
             found = await self._retrying(lambda: self.pipeline.lookup_many(
                 [p for _, p in lookups]))
+            similar: list[tuple[Delivery, Prepared]] = []
             for delivery, prepared in lookups:
                 entry = found.get(prepared.key) if found is not None else None
                 if entry is not None:
@@ -212,10 +213,14 @@ class Worker:
                                            prepared.request.reply_to,
                                            self.pipeline.hit(prepared, entry, "exact")))
                 elif found is not None and self.pipeline.semantic is not None:
-                    self.fast.hold(delivery.message_id, asyncio.create_task(
-                        self._guard(delivery, self._look_similar(delivery, prepared))))
+                    similar.append((delivery, prepared))
                 else:
                     handoffs.append(self._handoff(delivery.message_id, prepared.request))
+            if similar:  # the batch's exact misses: one task, off the hits' path
+                task = asyncio.create_task(self._guard_all(
+                    [d for d, _ in similar], self._look_similar(similar)))
+                for delivery, _ in similar:
+                    self.fast.hold(delivery.message_id, task)
         if answers or handoffs:
             await self._retrying(lambda: self._publish(source, answers, handoffs))
 
@@ -224,15 +229,21 @@ class Worker:
         return Outgoing(message_id, self.keys.done(request.request_id), self.keys.generate,
                         job.model_dump_json(exclude_none=True), kind="h")
 
-    async def _look_similar(self, delivery: Delivery, prepared: Prepared) -> None:
-        """An exact miss: the semantic tier, then a hit or a hand-off (a batch of one)."""
-        outcome = await self.pipeline.similar(prepared)
-        if outcome is not None:
-            await self._publish(self.fast.reader.source, [_Answer(
-                delivery.message_id, delivery.message_id, prepared.request.reply_to, outcome)])
-        else:
-            await self._publish(self.fast.reader.source, [],
-                                [self._handoff(delivery.message_id, prepared.request)])
+    async def _look_similar(self, lookups: list[tuple[Delivery, Prepared]]) -> None:
+        """A batch's exact misses: the semantic tier for all of them at once, then one publish
+        of the semantic hits and the hand-offs to the generation stage."""
+        outcomes = await self._retrying(lambda: self.pipeline.similar_many(
+            [p for _, p in lookups]))
+        answers: list[_Answer] = []
+        handoffs: list[Outgoing] = []
+        for (delivery, prepared), outcome in zip(lookups, outcomes or [None] * len(lookups),
+                                                 strict=True):
+            if outcome is not None:
+                answers.append(_Answer(delivery.message_id, delivery.message_id,
+                                       prepared.request.reply_to, outcome))
+            else:
+                handoffs.append(self._handoff(delivery.message_id, prepared.request))
+        await self._retrying(lambda: self._publish(self.fast.reader.source, answers, handoffs))
 
     # the generation stage: one task per job -----------------------------------------------
 
@@ -338,6 +349,22 @@ class Worker:
                 log.warning("redis_error_retrying", error=str(exc), retry_in=pause)
                 await asyncio.sleep(pause)
         raise AssertionError("unreachable")
+
+    async def _guard_all(self, deliveries: list[Delivery],
+                         work: Coroutine[object, object, None]) -> None:
+        """`_guard` for work that answers several entries at once."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except UNREACHABLE as exc:
+            self.counters["retry_later"] += len(deliveries)
+            log.warning("redis_unreachable_left_pending", error=str(exc), batch=len(deliveries))
+        except Exception as exc:  # noqa: BLE001
+            self.counters["retry_later"] += len(deliveries)
+            log.exception("processing_failed_left_pending", error=str(exc),
+                          message_ids=[d.message_id for d in deliveries[:10]],
+                          batch=len(deliveries))
 
     async def _guard(self, delivery: Delivery, work: Coroutine[object, object, None]) -> None:
         """The one place that catches everything: an unexpected failure, or a Redis outage that

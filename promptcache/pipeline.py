@@ -223,6 +223,32 @@ class Pipeline:
                              matched_prompt=neighbour.meta.prompt)
         return None
 
+    async def similar_many(self, prepared: list[Prepared]) -> list[Outcome | None] | None:
+        """`similar` for a batch of exact misses: one embedding call, one exact-tier round trip
+        for the accepted neighbours. None when the cache store is unavailable."""
+        if self.semantic is None or self.exact is None:
+            return [None] * len(prepared)
+        searches = await self.semantic.find_many([(p.canonical, p.params_key) for p in prepared])
+        wanted = [n.meta.cache_key for search in searches for n in search.accepted]
+        try:
+            entries = await self.exact.get_many(wanted) if wanted else {}
+        except CacheUnavailable as exc:
+            log.warning("cache_unavailable", error=str(exc))
+            return None
+        outcomes: list[Outcome | None] = []
+        for one, search in zip(prepared, searches, strict=True):
+            outcome: Outcome | None = None
+            for neighbour in search.accepted:
+                entry = entries.get(neighbour.meta.cache_key)
+                if entry is None:
+                    self.semantic.index.remove(neighbour.meta.entry_id)  # expired meanwhile
+                    continue
+                outcome = self.hit(one, entry, "semantic", similarity=neighbour.similarity,
+                                   matched_prompt=neighbour.meta.prompt)
+                break
+            outcomes.append(outcome)
+        return outcomes
+
     async def generate(self, request: Request) -> Outcome:
         """The slow path. Raises GenerationFailed when the generator cannot make the image.
 

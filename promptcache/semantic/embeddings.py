@@ -341,6 +341,41 @@ class CachedEmbedder:
             await self._shared.put_embedding(*key, vector)
         return vector
 
+    async def embed_many(self, texts: Sequence[str], *, urgent: bool = True) -> list[np.ndarray]:
+        """`embed_one` for several texts: one shared-cache read, one model call (batched by
+        the embedder), one shared-cache write."""
+        model, dim = self.inner.model, self.inner.dim
+        keys = [(model, dim, text_hash(t)) for t in texts]
+        found: list[np.ndarray | None] = []
+        for key in keys:
+            hit = self._local.get(key)
+            if hit is not None:
+                self._local.move_to_end(key)
+            found.append(hit)
+        missing = [i for i, v in enumerate(found) if v is None]
+        if missing and self._shared is not None and hasattr(self._shared, "get_embeddings"):
+            shared = await self._shared.get_embeddings(model, dim, [keys[i][2] for i in missing])
+            for i, vector in zip(missing, shared, strict=True):
+                if vector is not None:
+                    found[i] = vector
+                    self._remember(keys[i], vector)
+            missing = [i for i in missing if found[i] is None]
+        if missing:
+            unique = list(dict.fromkeys(texts[i] for i in missing))
+            rows = await self.inner.embed(unique, urgent=urgent)
+            by_text = dict(zip(unique, rows, strict=True))
+            model, dim = self.inner.model, self.inner.dim  # dim may be learnt on first call
+            fresh: list[tuple[str, np.ndarray]] = []
+            for i in missing:
+                vector = by_text[texts[i]]
+                found[i] = vector
+                key = (model, dim, keys[i][2])
+                self._remember(key, vector)
+                fresh.append((key[2], vector))
+            if self._shared is not None and hasattr(self._shared, "put_embeddings"):
+                await self._shared.put_embeddings(model, dim, fresh)
+        return [v for v in found if v is not None]
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 

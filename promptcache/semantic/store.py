@@ -20,6 +20,7 @@ import base64
 import json
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -121,6 +122,42 @@ class SemanticStore:
                                  vector.astype("<f4").tobytes(), ex=self.embedding_ttl)
         except (RedisError, OSError):
             pass  # a cache of a cache
+
+    async def get_embeddings(self, model: str, dim: int,
+                             hashes: Sequence[str]) -> list[np.ndarray | None]:
+        """`get_embedding` for several texts in one round trip."""
+        if not hashes:
+            return []
+        try:
+            raws = await self.redis.mget([self.keys.embedding(model, dim, h) for h in hashes])
+        except (RedisError, OSError):
+            return [None] * len(hashes)
+        return [None if raw is None or len(raw) != 4 * dim
+                else np.frombuffer(raw, dtype="<f4").copy() for raw in raws]
+
+    async def put_embeddings(self, model: str, dim: int,
+                             vectors: Sequence[tuple[str, np.ndarray]]) -> None:
+        if not vectors:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for h, vector in vectors:
+                    pipe.set(self.keys.embedding(model, dim, h), vector.astype("<f4").tobytes(),
+                             ex=self.embedding_ttl)
+                await pipe.execute()
+        except (RedisError, OSError):
+            pass  # a cache of a cache
+
+    async def count_many(self, counts: Counter[str]) -> None:
+        if not counts:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for reason, n in counts.items():
+                    pipe.hincrby(self.keys.metrics_semantic, reason, n)
+                await pipe.execute()
+        except (RedisError, OSError):
+            pass
 
     async def count(self, reason: str, n: int = 1) -> None:
         try:

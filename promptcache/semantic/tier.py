@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,6 +115,51 @@ class SemanticTier:
                 await self.store.count(f"refused:{reason}", n)
             log.debug("semantic_candidates_refused", reasons=dict(refused))
         return Search(accepted, refused)
+
+    async def find_many(self, lookups: Sequence[tuple[str, str]], *,
+                        count: bool = True) -> list[Search]:
+        """`find` for a batch of (canonical, params_key): one embedding call for all of them,
+        one counters write. The result is in the order of `lookups`."""
+        searches: list[Search | None] = [None] * len(lookups)
+        todo: list[tuple[int, str, str]] = []  # (position, core, partition)
+        skipped: Counter[str] = Counter()
+        for i, (canonical, params_key) in enumerate(lookups):
+            core = request_core(canonical)
+            if (why := not_embeddable(core)) is not None:
+                skipped[f"skipped:{why}"] += 1
+                searches[i] = Search(skipped=why)
+                continue
+            partition = self.partition(params_key)
+            if self.ready and not self.index.size(partition):
+                searches[i] = Search(skipped="empty_partition")
+                continue
+            todo.append((i, core, partition))
+        vectors: list[np.ndarray] | None = None
+        if todo and self.ready:
+            try:
+                vectors = await self.embedder.embed_many([core for _, core, _ in todo])
+            except EmbeddingError as exc:
+                log.warning("embedding_failed", error=str(exc))
+        refused_all: Counter[str] = Counter()
+        for n, (i, _, partition) in enumerate(todo):
+            if vectors is None:
+                searches[i] = Search(skipped="unavailable")
+                continue
+            canonical = lookups[i][0]
+            accepted: list[Neighbour] = []
+            refused: Counter[str] = Counter()
+            for neighbour in self.index.search(partition, vectors[n], self.top_k):
+                if neighbour.similarity < self.threshold:
+                    break
+                if (reason := self.refusal(neighbour.meta.prompt, canonical)) is not None:
+                    refused[reason] += 1
+                    continue
+                accepted.append(neighbour)
+            refused_all.update({f"refused:{r}": c for r, c in refused.items()})
+            searches[i] = Search(accepted, refused)
+        if count:
+            await self.store.count_many(skipped + refused_all)
+        return [s or Search(skipped="unavailable") for s in searches]
 
     async def add(self, *, entry_id: str, cache_key: str, params_key: str,
                   canonical: str) -> np.ndarray | None:
