@@ -74,6 +74,7 @@ class Persister:
                         block=block),
             self._handle, name="persister", batch_size=batch_size, capacity=batch_size,
             stopper=self.stopper, claim_idle=claim_idle)
+        self.batches = 0  # batches read and finished (each written in one transaction)
         self.written = 0
         self.dead_lettered = 0
         self._next_prune = 0.0
@@ -110,6 +111,7 @@ class Persister:
         if written is None:
             return  # stopped during an outage: the batch stays pending for the next persister
         refused += written
+        self.batches += 1
         self.written += len(events) - len(written)
         try:
             for item in refused:
