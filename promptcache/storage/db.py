@@ -80,8 +80,9 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
 
 
 # SQLSTATE classes of errors that one event's content causes: 22 data exception (a value out
-# of range, bad text or JSON), 23 integrity constraint violation (a NULL where a value is due)
-_DATA_CLASSES = ("22", "23")
+# of range, bad text or JSON), 23 integrity constraint violation (a NULL where a value is due),
+# 54 program limit exceeded (a value too large for an index row)
+_DATA_CLASSES = ("22", "23", "54")
 
 
 def is_data_error(exc: BaseException) -> bool:
