@@ -105,7 +105,7 @@ class Persister:
         for delivery in deliveries:
             try:
                 events.append((delivery, parse(delivery.fields.get(b"data", b""))))
-            except ValueError as exc:  # ValidationError and JSONDecodeError are ValueErrors
+            except (ValueError, RecursionError) as exc:  # ValidationError, JSONDecodeError
                 refused.append(_Refused(delivery, UNREADABLE, str(exc)))
         written = await self._write(events)
         if written is None:

@@ -132,14 +132,17 @@ ON CONFLICT (hour, reason) DO UPDATE SET evictions = e.evictions + EXCLUDED.evic
 """
 
 
+# Rows in key order: persisters updating the same hourly rows lock them in the same order, so
+# they wait for each other instead of deadlocking.
+
 def result_params(rows: dict[tuple[datetime, str, str], ResultRow]) -> list[tuple[Any, ...]]:
     return [(hour, tier, status, r.requests, r.latency_ms_sum, r.buckets, r.generator_calls,
              r.generator_seconds, r.generator_seconds_avoided, r.bytes_stored)
-            for (hour, tier, status), r in rows.items()]
+            for (hour, tier, status), r in sorted(rows.items())]
 
 
 def eviction_params(rows: dict[tuple[datetime, str], list[int]]) -> list[tuple[Any, ...]]:
-    return [(hour, reason, n, freed) for (hour, reason), (n, freed) in rows.items()]
+    return [(hour, reason, n, freed) for (hour, reason), (n, freed) in sorted(rows.items())]
 
 
 def percentile(buckets: Sequence[int], q: float) -> float | None:
