@@ -1,35 +1,51 @@
-"""`promptcache dead-letter`: list what could not be answered, and put it back on its stream."""
+"""`promptcache dead-letter`: list what could not be answered (requests, `promptcache:dead-letter`)
+or written (change events PostgreSQL refused, `promptcache:changes:dead-letter`), and put it back
+on its stream."""
 
 from __future__ import annotations
 
 import redis.asyncio as aioredis
 
 from promptcache.keys import Keys
+from promptcache.streams import id_order
 from schemas.events import DeadLetter
 
 
+def _streams(keys: Keys) -> tuple[str, str]:
+    return keys.dead_letter, keys.changes_dead_letter
+
+
 async def dead_letters(redis: aioredis.Redis, keys: Keys, count: int) -> list[tuple[str, DeadLetter]]:
-    entries = await redis.xrevrange(keys.dead_letter, count=count)
-    return [(mid.decode(), DeadLetter.model_validate_json(f[b"data"])) for mid, f in entries]
+    """The newest `count` dead letters of both kinds, newest first (a letter's `stream` says
+    which stream its entry came from)."""
+    found: list[tuple[str, DeadLetter]] = []
+    for stream in _streams(keys):
+        entries = await redis.xrevrange(stream, count=count)
+        found += [(mid.decode(), DeadLetter.model_validate_json(f[b"data"]))
+                  for mid, f in entries]
+    found.sort(key=lambda item: id_order(item[0]), reverse=True)
+    return found[:count]
 
 
 async def replay(redis: aioredis.Redis, keys: Keys, ids: list[str] | None) -> int:
     """Put dead-lettered entries back on the stream they came from (as new entries) and drop them.
 
-    A request that was dead-lettered after the delivery limit already got a `failed` result;
-    replaying it is the operator's deliberate choice to try again, so its request id is
-    forgotten and the replay gets a fresh result.
+    A change event goes back on the change stream: written if PostgreSQL now takes it,
+    dead-lettered again otherwise. A request that was dead-lettered after the delivery limit
+    already got a `failed` result; replaying it is the operator's deliberate choice to try
+    again, so its request id is forgotten and the replay gets a fresh result.
     """
-    entries = await redis.xrange(keys.dead_letter) if ids is None else [
-        e for mid in ids for e in await redis.xrange(keys.dead_letter, mid, mid)]
     replayed = 0
-    for mid, fields in entries:
-        letter = DeadLetter.model_validate_json(fields[b"data"])
-        async with redis.pipeline(transaction=True) as pipe:
-            if letter.request_id:
-                pipe.delete(keys.done(letter.request_id))
-            pipe.xadd(letter.stream, letter.entry)  # type: ignore[arg-type]
-            pipe.xdel(keys.dead_letter, mid)
-            await pipe.execute()
-        replayed += 1
+    for stream in _streams(keys):
+        entries = await redis.xrange(stream) if ids is None else [
+            e for mid in ids for e in await redis.xrange(stream, mid, mid)]
+        for mid, fields in entries:
+            letter = DeadLetter.model_validate_json(fields[b"data"])
+            async with redis.pipeline(transaction=True) as pipe:
+                if letter.request_id:
+                    pipe.delete(keys.done(letter.request_id))
+                pipe.xadd(letter.stream, letter.entry)  # type: ignore[arg-type]
+                pipe.xdel(stream, mid)
+                await pipe.execute()
+            replayed += 1
     return replayed

@@ -42,6 +42,12 @@ class Keys:
         server's append-only file has them, then published."""
         return f"{self.prefix}:outbox"
 
+    @property
+    def changes_dead_letter(self) -> str:
+        """Change events PostgreSQL refused (or that cannot be read): set aside by the
+        persister so the rest are written; `promptcache dead-letter` lists and replays them."""
+        return f"{self.prefix}:changes:dead-letter"
+
     def done(self, request_id: str) -> str:
         return f"{self.prefix}:done:{request_id}"
 

@@ -85,7 +85,7 @@ async def test_persister_writes_entries_and_hits_idempotently(redis, keys, setti
     await redis.xgroup_setid(keys.changes, PERSISTER_GROUP, "0")
     await persister.run(burst=True)
     await store.aclose()
-    assert len(events) == 3  # entry_stored, then one requests_answered per worker batch
+    assert len(events) == 3  # the miss's answer + entry_stored, the hit's answer
     with psycopg.connect(db) as conn:
         stats = conn.execute("SELECT tier, status, requests, generator_calls,"
                              " generator_seconds_avoided > 0, bytes_stored > 0"

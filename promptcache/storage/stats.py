@@ -6,6 +6,7 @@ of rollups (720 hours x a handful of tier/status rows) is read and merged in mil
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,37 +34,81 @@ class ResultRow:
     bytes_stored: int = 0
 
 
-def rollup(events: Sequence[ChangeEvent]) -> tuple[dict[tuple[datetime, str, str], ResultRow],
-                                                   dict[tuple[datetime, str], list[int]]]:
-    """Aggregate one batch: result rows by (hour, tier, status), evictions by (hour, reason)."""
-    results: dict[tuple[datetime, str, str], ResultRow] = defaultdict(ResultRow)
-    evictions: dict[tuple[datetime, str], list[int]] = defaultdict(lambda: [0, 0])
-    saved: dict[str, float] = {}  # request_id -> generation seconds its hit saved
-    made: dict[str, tuple[float, int]] = {}  # request_id -> (generation seconds, bytes stored)
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One request an entry answered from the cache: a row of `cache_hits`."""
+
+    entry_id: str
+    request_id: str
+    tier: str
+    latency_ms: float | None
+    at: datetime
+
+
+@dataclass
+class Rollup:
+    """What one batch of change events adds: result rows by (hour, tier, status), evictions by
+    (hour, reason), and the hits of entries (one per answered request served from the cache)."""
+
+    results: dict[tuple[datetime, str, str], ResultRow] = field(
+        default_factory=lambda: defaultdict(ResultRow))
+    evictions: dict[tuple[datetime, str], list[int]] = field(
+        default_factory=lambda: defaultdict(lambda: [0, 0]))
+    hits: list[Hit] = field(default_factory=list)
+
+    def answered(self, at: float, tier: str | None, status: str,
+                 latency_ms: float | None) -> ResultRow:
+        row = self.results[(hour_of(at), tier or "", status)]
+        latency = _finite(latency_ms)
+        row.requests += 1
+        row.latency_ms_sum += latency
+        row.buckets[bucket_of(latency)] += 1
+        return row
+
+
+def _finite(value: float | None) -> float:
+    return value if value is not None and math.isfinite(value) and value >= 0 else 0.0
+
+
+def rollup(events: Sequence[ChangeEvent]) -> Rollup:
+    """Aggregate one batch. Each figure comes from the one event that records it, so a figure
+    does not depend on which batch (or persister) an event lands in:
+    - a result row per answer of `requests_answered` (and per old `request_answered`), with the
+      generation seconds a hit saved;
+    - generator calls, seconds and bytes from `entry_stored` (one per generation), counted in
+      the row of its hour, its tier (`miss` or `bypass`) and `ok`;
+    - a hit of an entry per hit answer (and per old `entry_hit`, whose saved seconds go to the
+      row of its hour and tier)."""
+    out = Rollup()
     for e in events:
-        if e.type == "entry_hit" and e.request_id:
-            saved[e.request_id] = (e.generation_ms or 0.0) / 1000
+        if e.type == "requests_answered":
+            for a in e.answers or ():
+                row = out.answered(e.at, a.tier, a.status, a.latency_ms)
+                if a.status == "ok" and a.tier in HIT_TIERS and a.entry_id:
+                    row.generator_seconds_avoided += _finite(a.generation_ms) / 1000
+                    out.hits.append(Hit(a.entry_id, a.request_id, a.tier or "", a.latency_ms,
+                                        _ts(e.at)))
+        elif e.type == "request_answered":  # before requests_answered (one event per request)
+            out.answered(e.at, e.tier, e.status or "", e.latency_ms)
+        elif e.type == "entry_hit" and e.request_id:  # likewise
+            row = out.results[(hour_of(e.at), e.tier or "", "ok")]
+            row.generator_seconds_avoided += _finite(e.generation_ms) / 1000
+            out.hits.append(Hit(e.entry_id, e.request_id, e.tier or "", e.latency_ms,
+                                _ts(e.at)))
         elif e.type == "entry_stored" and e.request_id:
-            made[e.request_id] = ((e.generation_ms or 0.0) / 1000,
-                                  (e.image_bytes or 0) + (e.thumbnail_bytes or 0))
-    for e in events:
-        if e.type == "request_answered":
-            row = results[(hour_of(e.at), e.tier or "", e.status or "")]
-            row.requests += 1
-            latency = e.latency_ms or 0.0
-            row.latency_ms_sum += latency
-            row.buckets[bucket_of(latency)] += 1
-            if e.request_id in made:
-                seconds, size = made[e.request_id]
-                row.generator_calls += 1
-                row.generator_seconds += seconds
-                row.bytes_stored += size
-            row.generator_seconds_avoided += saved.get(e.request_id or "", 0.0)
+            row = out.results[(hour_of(e.at), e.tier or "miss", "ok")]
+            row.generator_calls += 1
+            row.generator_seconds += _finite(e.generation_ms) / 1000
+            row.bytes_stored += (e.image_bytes or 0) + (e.thumbnail_bytes or 0)
         elif e.type == "entry_evicted":
-            counts = evictions[(hour_of(e.at), e.reason or "unknown")]
+            counts = out.evictions[(hour_of(e.at), e.reason or "unknown")]
             counts[0] += 1
             counts[1] += (e.image_bytes or 0)
-    return results, evictions
+    return out
+
+
+def _ts(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, tz=UTC)
 
 
 UPSERT_RESULTS = """
@@ -87,14 +132,17 @@ ON CONFLICT (hour, reason) DO UPDATE SET evictions = e.evictions + EXCLUDED.evic
 """
 
 
+# Rows in key order: persisters updating the same hourly rows lock them in the same order, so
+# they wait for each other instead of deadlocking.
+
 def result_params(rows: dict[tuple[datetime, str, str], ResultRow]) -> list[tuple[Any, ...]]:
     return [(hour, tier, status, r.requests, r.latency_ms_sum, r.buckets, r.generator_calls,
              r.generator_seconds, r.generator_seconds_avoided, r.bytes_stored)
-            for (hour, tier, status), r in rows.items()]
+            for (hour, tier, status), r in sorted(rows.items())]
 
 
 def eviction_params(rows: dict[tuple[datetime, str], list[int]]) -> list[tuple[Any, ...]]:
-    return [(hour, reason, n, freed) for (hour, reason), (n, freed) in rows.items()]
+    return [(hour, reason, n, freed) for (hour, reason), (n, freed) in sorted(rows.items())]
 
 
 def percentile(buckets: Sequence[int], q: float) -> float | None:
