@@ -20,6 +20,7 @@ from promptcache.cache.registry import EntryRegistry, Forget
 from promptcache.config import Settings
 from promptcache.errors import ConfigError
 from promptcache.generators import Generator, build_generator
+from consumers.group import Stopper
 from consumers.janitor import Janitor
 from promptcache.optimizer import PolicySettings
 from promptcache.keys import Keys
@@ -113,15 +114,15 @@ class SemanticLoop:
         self.follower = IndexFollower(follow_redis, Keys(settings.prefix), tier.index,
                                       consumer=consumer,
                                       max_entries=settings.semantic_max_entries)
-        self._stopping = asyncio.Event()
+        self.stopper = Stopper()
 
     def stop(self) -> None:
-        self._stopping.set()
+        self.stopper.stop()
         self.follower.stop()
 
     async def run(self, burst: bool = False) -> None:
         delay = 1.0
-        while not self._stopping.is_set():
+        while not self.stopper.stopping:
             try:
                 await self.tier.warm()
                 # the model's objects live as long as the process: out of the collector's way
@@ -131,17 +132,14 @@ class SemanticLoop:
                 break
             except Exception as exc:  # noqa: BLE001 - exact-only until the embedder works
                 log.warning("semantic_tier_unavailable", error=str(exc), retry_in=delay)
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                except TimeoutError:
-                    pass
+                await self.stopper.sleep(delay)
                 delay = min(delay * 2, 60.0)
-        if not self._stopping.is_set():
+        if not self.stopper.stopping:
             await self.follower.run(burst=burst)
         await self.tier.embedder.aclose()
 
 
-# --- issue 14 (guard branch): what the pipeline needs from the process for its guarantees ---
+# what the pipeline needs from the process for its guarantees
 def pipeline_guards(settings: Settings, redis: aioredis.Redis, keys: Keys, blobs: BlobStore,
                     entries: EntryRegistry | None) -> dict[str, Any]:
     """Pipeline keyword arguments: `publish_changes` writes change events (evictions) to the

@@ -16,35 +16,11 @@ import structlog
 from redis.exceptions import RedisError, ResponseError
 
 from promptcache.errors import ConfigError
+from promptcache.stream_ids import entry_time_ms, id_order, millis, next_id, older_id
 
 log = structlog.get_logger(__name__)
 
-
-def millis(value: timedelta) -> int:
-    """A duration as whole milliseconds for a Redis argument, at least 1: in BLOCK, PX and
-    PEXPIRE a 0 means "for ever" or is an error, never "at once"."""
-    return max(int(value.total_seconds() * 1000), 1)
-
-
-def entry_time_ms(message_id: str) -> int:
-    """The millisecond timestamp in a stream entry id (`1700000000000-0`)."""
-    return int(message_id.split("-", 1)[0])
-
-
-def id_order(message_id: str) -> tuple[int, int]:
-    """A stream entry id as a sortable (milliseconds, sequence) pair."""
-    ms, _, seq = message_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def older_id(a: str, b: str) -> str:
-    return a if id_order(a) <= id_order(b) else b
-
-
-def next_id(message_id: str) -> str:
-    """The smallest id after `message_id`."""
-    ms, seq = id_order(message_id)
-    return f"{ms}-{seq + 1}"
+__all__ = ["entry_time_ms", "id_order", "millis", "next_id", "older_id"]  # and below
 
 
 class DurabilityError(RedisError):

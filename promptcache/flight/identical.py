@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 
 from promptcache.cache.compare import COMPARE_AND_DELETE
 from promptcache.keys import Keys
+from promptcache.stream_ids import millis
 
 log = structlog.get_logger(__name__)
 
@@ -38,10 +39,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-def _ms(value: timedelta) -> int:
-    return max(int(value.total_seconds() * 1000), 1)
 
 
 @dataclass
@@ -108,11 +105,11 @@ class Flight:
 
     async def _try_lock(self, name: str) -> Lease | None:
         token = secrets.token_hex(16)
-        if not await self.redis.set(name, token, nx=True, px=_ms(self.ttl)):
+        if not await self.redis.set(name, token, nx=True, px=millis(self.ttl)):
             return None
         lease = Lease(self, name, token)
         every = max(self.ttl.total_seconds() / 3, 0.01)
-        lease._renewer = asyncio.create_task(lease._renew(every, _ms(self.ttl)))
+        lease._renewer = asyncio.create_task(lease._renew(every, millis(self.ttl)))
         return lease
 
     async def lead_or_follow(self, cache_key: str,

@@ -30,6 +30,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from promptcache.keys import SEMANTIC_LOG_MAXLEN, Keys
+from promptcache.stream_ids import id_order
 from promptcache.semantic.index import Meta, VectorIndex
 
 log = structlog.get_logger(__name__)
@@ -254,7 +255,7 @@ class IndexFollower:
         """True when the log no longer holds the entry after ours (trimmed past us)."""
         first = await self.redis.xrange(self.keys.semantic_log, count=1)
         return bool(first) and self.last_id != "0-0" and \
-            _id_tuple(first[0][0].decode()) > _id_tuple(self.last_id) and \
+            id_order(first[0][0].decode()) > id_order(self.last_id) and \
             not await self.redis.xrange(self.keys.semantic_log, min=self.last_id,
                                         max=self.last_id)
 
@@ -292,8 +293,3 @@ class IndexFollower:
                 except TimeoutError:
                     pass
                 backoff = min(backoff * 2, 5.0)
-
-
-def _id_tuple(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
