@@ -7,6 +7,9 @@ full stop, typographic quotes and dashes) made uniform. Weighting syntax such as
 `[word]` is kept: it changes the picture.
 
 `clean_prompt` is what the generator is sent: the same clean-up without changing case.
+
+This module owns these text rules; the optimizer (`promptcache.optimizer.standardise`) runs
+`clean_prompt` as one of its steps and forms keys with `canonical_of_clean`.
 """
 
 from __future__ import annotations
@@ -73,6 +76,20 @@ def _lower_outside_quotes(text: str) -> str:
 def canonical_prompt(text: str) -> str:
     text = _lower_outside_quotes(clean_prompt(text))
     return _TRAILING_STOP.sub("", text).strip()
+
+
+def canonical_of_clean(text: str) -> str:
+    """`canonical_prompt(text)` for text that is already clean (the optimizer's standardised
+    text): the same string without another clean-up pass (a test checks they agree on every
+    real prompt)."""
+    if '"' in text or "'" in text or text.endswith((",", ";", " ")):
+        return canonical_prompt(text)
+    text = text.lower()
+    if text.endswith((".", "!")):  # _TRAILING_STOP `(?<!\d)[.!]+$`, without a regex
+        run = len(text) - len(text.rstrip(".!"))
+        keep = 1 if text[-run - 1:-run].isdigit() else 0  # "1." keeps its point
+        text = text[:len(text) - run + keep].strip()
+    return text
 
 
 _SAMPLER_ALIASES = {

@@ -30,12 +30,11 @@ from promptcache.optimizer import (
     optimize,
     window_text,
 )
-from promptcache.optimizer import _key_form
 from promptcache.optimizer.enhance import detect_style, enhance
 from promptcache.optimizer.policy import check
 from promptcache.optimizer.standardise import PromptRejected, standardise
 from promptcache.optimizer.tokens import encode, fit, split_tags
-from promptcache.prompts import canonical_prompt, clean_prompt
+from promptcache.prompts import canonical_of_clean, canonical_prompt, clean_prompt
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "prompts"
 
@@ -412,7 +411,7 @@ def test_standardising_twice_changes_nothing(prompt):
         return
     assert standardise(once).text == once
     assert clean_prompt(once) == once
-    assert _key_form(once) == canonical_prompt(once)  # the key's shortcut is the real thing
+    assert canonical_of_clean(once) == canonical_prompt(once)  # the key's shortcut is the real thing
 
 
 @settings(max_examples=500, deadline=None)
@@ -463,7 +462,7 @@ def test_every_real_prompt_is_optimised_or_refused_and_few_are_refused():
         assert fits(result.prompt_used)
         assert clean_prompt(prompt) == _clean_reference(prompt)
         std = standardise(prompt).text
-        assert _key_form(std) == canonical_prompt(std)
+        assert canonical_of_clean(std) == canonical_prompt(std)
     # Measured on 15,498 prompts (see the report): every refusal was read by a person.
     # minors_sexual 3 (sexualised "teenage girl" / "young girl"), explicit 2, gore 4, hate 0,
     # real_person 159 (a famous name with a photographic cue), invalid_prompt 7 ("The", "a").

@@ -39,7 +39,7 @@ from promptcache.optimizer.tokens import (
 )
 from promptcache.optimizer.tokens import fit as fit_window
 from promptcache.optimizer.weights import repair_weights
-from promptcache.prompts import canonical_prompt, clean_prompt
+from promptcache.prompts import canonical_of_clean, clean_prompt
 
 # (`standardise` and `enhance` are imported under other names so that
 # `promptcache.optimizer.standardise` stays the module.)
@@ -107,19 +107,6 @@ def _with_extras(user: Fitted, tags: list[str], extras: tuple[str, ...]) -> Fitt
     return fit_window(tags[:-1] + [last], list(extras), tags_count=n)
 
 
-def _key_form(text: str) -> str:
-    """`canonical_prompt(text)` for text that is already clean (standardised): the same string
-    without a third clean-up pass (a test checks they agree on every real prompt)."""
-    if '"' in text or "'" in text or text.endswith((",", ";", " ")):
-        return canonical_prompt(text)
-    text = text.lower()
-    if text.endswith((".", "!")):  # canonical_prompt's `(?<!\d)[.!]+$`, without a regex
-        run = len(text) - len(text.rstrip(".!"))
-        keep = 1 if text[-run - 1:-run].isdigit() else 0  # "1." keeps its point
-        text = text[:len(text) - run + keep].strip()
-    return text
-
-
 def _shown(dropped: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(d if len(d) <= _SHOWN else d[:_SHOWN - 1] + "…" for d in dropped)
 
@@ -163,8 +150,8 @@ def optimize(prompt: str, negative: str | None = None, *, enabled: bool = True,
     final_neg = _with_extras(user_neg, neg_tags, enhancement.negatives if enhancement else ())
     # A truncating backend reads only the window: its key is the user's prompt as fitted to
     # it, which is exactly the user's part of what the generator is sent.
-    key_prompt = _key_form(user.text if truncates else std.text)
-    key_negative = _key_form(user_neg.text if truncates else neg_std) if neg_std else None
+    key_prompt = canonical_of_clean(user.text if truncates else std.text)
+    key_negative = canonical_of_clean(user_neg.text if truncates else neg_std) if neg_std else None
     return Optimized(
         prompt_used=final.text, negative_used=final_neg.text or None,
         key_prompt=key_prompt, key_negative=key_negative or None,
