@@ -51,9 +51,11 @@ def _snapshot(db: str) -> dict[str, list[tuple[object, ...]]]:
     with psycopg.connect(db) as conn:
         return {
             "stats": conn.execute(
-                "SELECT tier, status, sum(requests)::int, sum(latency_ms_sum),"
-                " sum(generator_calls)::int, sum(generator_seconds),"
-                " sum(generator_seconds_avoided), sum(bytes_stored)::bigint"
+                # float sums rounded: adding the same numbers in another order may differ in
+                # the last bit
+                "SELECT tier, status, sum(requests)::int, round(sum(latency_ms_sum)::numeric, 6),"
+                " sum(generator_calls)::int, round(sum(generator_seconds)::numeric, 9),"
+                " round(sum(generator_seconds_avoided)::numeric, 9), sum(bytes_stored)::bigint"
                 " FROM stats_hourly GROUP BY tier, status ORDER BY tier, status").fetchall(),
             "buckets": conn.execute(
                 "SELECT tier, status, latency_buckets FROM stats_hourly"
