@@ -168,6 +168,7 @@ def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aior
     pipeline = Pipeline(generator=generator,
                         exact=ExactCache(cache_redis, keys, settings.ttl) if cache_redis else None,
                         blobs=blobs, public_url=settings.effective_public_url,
+                        signer=settings.url_signer(),
                         thumbnail_size=settings.thumbnail_size,
                         registry=entries,
                         policy=PolicySettings(explicit=settings.policy_explicit,

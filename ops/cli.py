@@ -196,7 +196,7 @@ def _web(settings: Settings) -> None:
     app = build_app(blobs=blobs, redis=redis, keys=keys, metrics=metrics,
                     registry=entry_registry, database_url=settings.database_url,
                     admin_token=token, storage_limit=int(settings.storage_limit),
-                    generator=settings.generator)
+                    generator=settings.generator, signer=settings.url_signer())
     uvicorn.run(app, host=settings.web_host, port=settings.web_port, log_level="warning",
                 timeout_graceful_shutdown=5)
 

@@ -105,7 +105,7 @@ async def recent_results(redis: aioredis.Redis, keys: Keys, cache: aioredis.Redi
             "matched_prompt": result.matched_prompt, "image_url": result.image_url,
             "blob_sha256": sha,
             "thumbnail": f"/thumbnails/{sha}.webp" if sha else None,
-            "image": f"/images/{sha}.{result.image_url.rsplit('.', 1)[-1]}"
+            "image": f"/images/{sha}.{result.image_url.split('?', 1)[0].rsplit('.', 1)[-1]}"
                      if sha and result.image_url else None,
             "error": result.error.code if result.error else None})
     shas = [r["blob_sha256"] for r in rows if r["blob_sha256"]]

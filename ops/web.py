@@ -34,6 +34,7 @@ from ops import status as overview
 from promptcache import invalidation as review
 from promptcache.cache.registry import EntryRegistry
 from promptcache.keys import REQUESTS_GROUP, Keys
+from promptcache.signing import UrlSigner, Verdict
 from promptcache.storage.blobs import CONTENT_TYPES, BlobStore
 
 log = structlog.get_logger(__name__)
@@ -55,8 +56,11 @@ def build_app(*, blobs: BlobStore, redis: aioredis.Redis | None, keys: Keys,
               metrics: CollectorRegistry | None = None, cache: aioredis.Redis | None = None,
               registry: EntryRegistry | None = None, database_url: str | None = None,
               admin_token: str | None = None, storage_limit: int = 0, generator: str = "",
-              since: timedelta = timedelta(hours=24)) -> Starlette:
-    """`cache` is the cache store (default: the registry's server, else `redis`)."""
+              since: timedelta = timedelta(hours=24),
+              signer: UrlSigner | None = None) -> Starlette:
+    """`cache` is the cache store (default: the registry's server, else `redis`). With `signer`
+    (PROMPTCACHE_URL_SIGNING_KEY), images and thumbnails need a valid, unexpired signature, and
+    the dashboard's own image links are signed here."""
     cache = cache or (registry.redis if registry is not None else redis)
     meter = overview.RateMeter()
 
@@ -77,12 +81,30 @@ def build_app(*, blobs: BlobStore, redis: aioredis.Redis | None, keys: Keys,
         ctype = CONTENT_TYPES[name.rsplit(".", 1)[1]]
         return FileResponse(path, media_type=ctype, headers=_IMMUTABLE)
 
+    def _unsigned(request: Request, path: str) -> Response | None:
+        """None when the URL's signature is valid (or signing is off); else the 403."""
+        if signer is None:
+            return None
+        verdict = signer.verify(path, request.query_params.get("exp"),
+                                request.query_params.get("sig"))
+        if verdict is Verdict.OK:
+            return None
+        return _error(403, verdict.value, {
+            Verdict.MISSING: "this image URL needs its signature (exp and sig)",
+            Verdict.EXPIRED: "this image URL has expired: ask for the image again",
+            Verdict.INVALID: "this image URL's signature does not match",
+        }[verdict])
+
     async def image(request: Request) -> Response:
         name = request.path_params["name"]
+        if (refused := _unsigned(request, f"/images/{name}")) is not None:
+            return refused
         return await _file(blobs.image_path(name), name)
 
     async def thumbnail(request: Request) -> Response:
         name = request.path_params["name"]
+        if (refused := _unsigned(request, f"/thumbnails/{name}")) is not None:
+            return refused
         return await _file(blobs.thumbnail_path(name), name)
 
     async def healthz(_: Request) -> Response:
@@ -173,6 +195,11 @@ def build_app(*, blobs: BlobStore, redis: aioredis.Redis | None, keys: Keys,
             rows = await overview.recent_results(redis, keys, cache, count=count)
         except (RedisError, OSError) as exc:
             return _error(503, "unavailable", f"redis unavailable: {exc}")
+        if signer is not None:  # the dashboard's links, signed server-side
+            for row in rows:
+                for field in ("thumbnail", "image"):
+                    if row.get(field):
+                        row[field] = f"{row[field]}?{signer.query(row[field])}"
         return JSONResponse({"results": rows}, headers=_NO_STORE)
 
     def _entry_id(request: Request) -> str | None:

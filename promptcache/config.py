@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, BeforeValidator, ByteSize, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from promptcache.signing import UrlSigner
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -60,6 +62,11 @@ class Settings(BaseSettings):
     public_url: str | None = None  # base of image_url/thumbnail_url; default http://web_host:web_port
     # `Authorization: Bearer <token>` for state-changing web endpoints (flag); unset: they are off
     admin_token: SecretStr | None = None
+    # signed image URLs (promptcache/signing.py): unset, image URLs are plain and never expire
+    url_signing_key: SecretStr | None = None
+    url_ttl: Duration = timedelta(days=1)  # how long a signed URL stays valid
+    url_signing_key_previous: SecretStr | None = None  # still accepted during a rotation...
+    url_signing_previous_until: datetime | None = None  # ...until then (ISO 8601); unset: always
 
     # worker
     batch_size: int = Field(100, ge=1, le=1000)  # entries per read: one lookup, one publish
@@ -139,6 +146,16 @@ class Settings(BaseSettings):
     @property
     def effective_cache_redis_url(self) -> str | None:
         return self.cache_redis_url or self.redis_url
+
+    def url_signer(self) -> UrlSigner | None:
+        if self.url_signing_key is None:
+            return None
+        previous = self.url_signing_key_previous
+        until = self.url_signing_previous_until
+        return UrlSigner(self.url_signing_key.get_secret_value(),
+                         ttl_s=self.url_ttl.total_seconds(),
+                         previous=previous.get_secret_value() if previous else None,
+                         previous_until=until.timestamp() if until else None)
 
     @property
     def effective_public_url(self) -> str:

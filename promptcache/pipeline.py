@@ -31,6 +31,7 @@ from promptcache.optimizer import PolicySettings, optimize
 from promptcache.prompts import NormalizedParams, cache_key, normalize_params
 from promptcache.flight.similar import SimilarFlights
 from promptcache.semantic.tier import SemanticTier
+from promptcache.signing import UrlSigner
 from promptcache.storage.blobs import BlobStore, StoredBlob
 from promptcache.thumbnails import make_thumbnail
 from schemas.events import CacheStatus, ChangeEvent, Params, Request, Result
@@ -101,7 +102,7 @@ class Pipeline:
     """
 
     def __init__(self, *, generator: Generator, exact: ExactCache | None, blobs: BlobStore,
-                 public_url: str, thumbnail_size: int = 256,
+                 public_url: str, thumbnail_size: int = 256, signer: UrlSigner | None = None,
                  registry: EntryRegistry | None = None,
                  policy: PolicySettings | None = None, flight: Flight | None = None,
                  semantic: SemanticTier | None = None,
@@ -119,6 +120,7 @@ class Pipeline:
         self.room_timeout_s = 30.0
         self.blobs = blobs
         self.public_url = public_url.rstrip("/")
+        self.signer = signer  # signed image URLs (PROMPTCACHE_URL_SIGNING_KEY), or plain ones
         self.thumbnail_size = thumbnail_size
         # In-process single flight: identical misses in this worker wait for one generation;
         # its leader takes the cross-worker lock (`flight`) so other workers wait for it too.
@@ -136,8 +138,11 @@ class Pipeline:
 
     def _urls(self, blob_sha256: str, content_type: str) -> tuple[str, str]:
         ext = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}[content_type]
-        return (f"{self.public_url}/images/{blob_sha256}.{ext}",
-                f"{self.public_url}/thumbnails/{blob_sha256}.webp")
+        image, thumbnail = f"/images/{blob_sha256}.{ext}", f"/thumbnails/{blob_sha256}.webp"
+        if self.signer is None:
+            return f"{self.public_url}{image}", f"{self.public_url}{thumbnail}"
+        return (self.signer.sign(f"{self.public_url}{image}", image),
+                self.signer.sign(f"{self.public_url}{thumbnail}", thumbnail))
 
     def prepare(self, request: Request) -> Prepared:
         """Optimise (raises Refused: a `rejected` answer that never reaches the cache or the
