@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--cache", choices=["use", "refresh", "bypass"], default="use")
     submit.add_argument("--no-optimize", action="store_true")
     submit.add_argument("--id", default=None, help="request id (default: a new random one)")
+    submit.add_argument("--scope", default=None, help="the cache scope (tenant); default shared")
     submit.add_argument("--timeout", type=float, default=120.0)
 
     stats = sub.add_parser("stats", help="streams, workers and cache statistics")
@@ -67,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--older-than", default=None, metavar="DURATION",
                        help="entries created longer ago than this (e.g. 7d, 12h)")
     purge.add_argument("--all", action="store_true")
+    purge.add_argument("--scope", default=None,
+                       help="only this scope's (tenant's) entries: the others keep theirs")
 
     flag = sub.add_parser("flag", help="flag a cached image as bad: evicted and never served "
                                        "again")
@@ -211,7 +214,8 @@ async def _submit(args: argparse.Namespace, settings: Settings) -> int:
         request = Request.model_validate({
             "request_id": args.id or f"cli-{uuid.uuid4().hex[:12]}", "prompt": args.prompt,
             "negative_prompt": args.negative, "params": dict(map(parse_param, args.param)),
-            "options": {"cache": args.cache, "optimize": not args.no_optimize}})
+            "options": {"cache": args.cache, "optimize": not args.no_optimize},
+            "scope": args.scope})
     except ValidationError as exc:
         print(f"promptcache: invalid request:\n{exc}", file=sys.stderr)
         return RET_USAGE
@@ -330,7 +334,7 @@ async def _purge(args: argparse.Namespace, settings: Settings) -> int:
         count = await purge(redis, keys, settings.database_url,
                             registry(cache_redis, keys, blob_store(settings), settings),
                             entry_ids=args.entry, prompt_like=args.prompt, older_than_s=older,
-                            everything=args.all)
+                            everything=args.all, scope=args.scope)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     finally:

@@ -104,7 +104,7 @@ async def is_flagged(cache: aioredis.Redis, keys: Keys, blob_sha256: str) -> boo
 async def purge(redis: aioredis.Redis, keys: Keys, database_url: str,
                 registry: EntryRegistry, *, entry_ids: list[str] | None = None,
                 prompt_like: str | None = None, older_than_s: float | None = None,
-                everything: bool = False) -> int:
+                everything: bool = False, scope: str | None = None) -> int:
     """Evict matching entries through the same path as the janitor's evictions: registry,
     exact key, blob files (with the last reference), and the metadata row via the change stream.
     Entries are found in PostgreSQL (which knows prompts and ages) and, for --all and --entry,
@@ -119,8 +119,15 @@ async def purge(redis: aioredis.Redis, keys: Keys, database_url: str,
     if older_than_s is not None:
         where.append("created_at < now() - make_interval(secs => %s)")
         args.append(older_than_s)
+    if scope is not None:  # one tenant's entries (from the registry), narrowed by the rest
+        in_scope = set(await registry.entries_in_scope(scope))
+        if where:
+            sql = "SELECT entry_id FROM cache_entries WHERE " + " AND ".join(where)
+            with psycopg.connect(database_url, connect_timeout=5) as conn:
+                in_scope &= {row[0] for row in conn.execute(sql, args).fetchall()}  # type: ignore[arg-type]
+        return await evict_entries(redis, keys, registry, sorted(in_scope), reason="purge")
     if not where and not everything:
-        raise ValueError("say what to purge: --entry, --prompt, --older-than or --all")
+        raise ValueError("say what to purge: --entry, --prompt, --older-than, --scope or --all")
     sql = "SELECT entry_id FROM cache_entries" + (" WHERE " + " AND ".join(where) if where else "")
     with psycopg.connect(database_url, connect_timeout=5) as conn:
         ids = {row[0] for row in conn.execute(sql, args).fetchall()}  # type: ignore[arg-type]

@@ -90,7 +90,7 @@ class Prepared:
 
 
 PREPARED_CACHE_SIZE = 4096
-_PrepareKey = tuple[str, str | None, Params, bool]
+_PrepareKey = tuple[str, str | None, Params, bool, str | None]  # ..., optimize, scope
 
 
 class Pipeline:
@@ -150,7 +150,7 @@ class Pipeline:
         Memoised on everything that affects the outcome (the policy and generator are fixed
         for the pipeline's life); refusals are not memoised."""
         memo: _PrepareKey = (request.prompt, request.negative_prompt, request.params,
-                             request.options.optimize)
+                             request.options.optimize, request.scope)
         cached = self._prepared.get(memo)
         if cached is not None:
             self._prepared.move_to_end(memo)
@@ -168,10 +168,12 @@ class Pipeline:
                              truncates=self.generator.truncates_prompt)
         if optimized.dropped:
             log.debug("prompt_fitted_to_window", dropped=list(optimized.dropped))
+        # the scope is part of both keys: the exact key, the single-flight locks (named after it)
+        # and the semantic partition (the params key) never meet another scope's
         key = cache_key(optimized.key_prompt, optimized.key_negative, params,
-                        optimizer_version=optimized.key_version)
+                        optimizer_version=optimized.key_version, scope=request.scope)
         params_key = cache_key("", optimized.key_negative, params,
-                               optimizer_version=optimized.key_version)
+                               optimizer_version=optimized.key_version, scope=request.scope)
         return Prepared(request, params, optimized.key_prompt, optimized.prompt_used,
                         optimized.negative_used, key, optimized.version, optimized.dropped,
                         params_key)
@@ -384,7 +386,8 @@ class Pipeline:
                                 f"the whole storage limit ({self.registry.limit_bytes} bytes)")
         # reserve the bytes (evicting LRU entries when the cap needs it), then write
         changes: list[ChangeEvent] = []
-        registered = cache_usable and await self._register(entry, key, blob, changes)
+        registered = cache_usable and await self._register(entry, key, blob, changes,
+                                                           scope=request.scope)
         await asyncio.to_thread(self.blobs.write, blob, image.data, thumbnail)
         if not registered:  # not accounted under the cap: this worker deletes it soon
             await self.bypass.add(blob)
@@ -426,7 +429,7 @@ class Pipeline:
         return Outcome(result, [*changes, stored]), entry
 
     async def _register(self, entry: CacheEntry, key: str, blob: StoredBlob,
-                        changes: list[ChangeEvent]) -> bool:
+                        changes: list[ChangeEvent], *, scope: str | None = None) -> bool:
         """Record the entry in the registry (TTL, LRU, storage cap), before its files are
         written. Evictions it forces are published at once (`publish_changes`), else added to
         `changes`. False when the cache store cannot take it: the image is still written and
@@ -435,7 +438,7 @@ class Pipeline:
         if self.registry is None:
             return True
         record = Registered(entry.entry_id, key, blob.sha256, blob.content_type,
-                            blob.image_bytes + blob.thumbnail_bytes, entry.created_at)
+                            blob.image_bytes + blob.thumbnail_bytes, entry.created_at, scope)
         deadline = time.monotonic() + self.room_timeout_s
         try:
             while not (reservation := await self.registry.register(record)).fits:

@@ -140,11 +140,14 @@ def cache_key(
     negative_canonical: str | None,
     params: NormalizedParams,
     optimizer_version: str,
+    scope: str | None = None,
 ) -> str:
-    """sha256 over everything that changes the picture."""
-    material = json.dumps(
-        {"v": KEY_SCHEMA, "prompt": canonical, "negative": negative_canonical or "",
-         "params": params.as_dict(), "optimizer": optimizer_version},
-        sort_keys=True, ensure_ascii=False, separators=(",", ":"),
-    )
+    """sha256 over everything that changes the picture, and the scope (tenant) the entry
+    belongs to; the shared scope (None) leaves the key as it always was."""
+    fields: dict[str, object] = {
+        "v": KEY_SCHEMA, "prompt": canonical, "negative": negative_canonical or "",
+        "params": params.as_dict(), "optimizer": optimizer_version}
+    if scope is not None:
+        fields["scope"] = scope
+    material = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(material.encode()).hexdigest()

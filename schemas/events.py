@@ -22,6 +22,7 @@ from pydantic import (
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 STREAM_NAME_PATTERN = r"^[A-Za-z0-9._:{}-]{1,200}$"
+SCOPE_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 MAX_PROMPT_CHARS = 4000
 
 RequestId = Annotated[str, StringConstraints(pattern=REQUEST_ID_PATTERN)]
@@ -61,6 +62,9 @@ class Request(BaseModel):
     params: Params = Field(default_factory=Params)
     options: Options = Field(default_factory=Options)
     reply_to: Annotated[str, StringConstraints(pattern=STREAM_NAME_PATTERN)] | None = None
+    # the cache namespace (a tenant): an entry made in one scope is never served to another;
+    # absent = the shared scope
+    scope: Annotated[str, StringConstraints(pattern=SCOPE_PATTERN)] | None = None
 
     @field_validator("prompt")
     @classmethod

@@ -18,6 +18,7 @@ CONTRACT_REQUEST = {
                "guidance": 7.0, "sampler": "euler", "seed": 42},
     "options": {"optimize": True, "cache": "use"},
     "reply_to": "myapp:images",
+    "scope": "tenant-42",
 }
 
 
@@ -43,7 +44,8 @@ def test_a_minimal_request_fills_defaults():
 @pytest.mark.parametrize("change", [
     {"request_id": ""}, {"request_id": "x" * 129}, {"request_id": "a b"},
     {"prompt": ""}, {"prompt": " \n\t "}, {"prompt": "p" * 4001},
-    {"reply_to": "bad stream name"}, {"params": {"width": 100}}, {"params": {"steps": 0}},
+    {"reply_to": "bad stream name"}, {"scope": ""}, {"scope": "a/b"}, {"scope": "s" * 65},
+    {"params": {"width": 100}}, {"params": {"steps": 0}},
     {"params": {"unknown": 1}}, {"options": {"cache": "maybe"}}, {"surprise": True},
 ])
 def test_invalid_requests_are_refused(change):

@@ -161,17 +161,21 @@ class Registered:
     content_type: str
     bytes: int
     created: float
+    scope: str | None = None  # the request's scope (tenant); None: the shared scope
 
     def to_json(self) -> str:
-        return json.dumps({"cache_key": self.cache_key, "blob": self.blob,
-                           "content_type": self.content_type, "bytes": self.bytes,
-                           "created": self.created})
+        data: dict[str, object] = {"cache_key": self.cache_key, "blob": self.blob,
+                                   "content_type": self.content_type, "bytes": self.bytes,
+                                   "created": self.created}
+        if self.scope is not None:
+            data["scope"] = self.scope
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, entry_id: str, raw: bytes | str) -> Registered:
         data = json.loads(raw)
         return cls(entry_id, data["cache_key"], data["blob"], data["content_type"],
-                   int(data["bytes"]), float(data["created"]))
+                   int(data["bytes"]), float(data["created"]), data.get("scope"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +248,14 @@ class EntryRegistry:
             return None
         record, freed = reply
         return Eviction(Registered.from_json(entry_id, record), int(freed))
+
+    async def entries_in_scope(self, scope: str | None) -> list[str]:
+        """The ids of the registered entries of one scope (None: the shared scope); a scan."""
+        found: list[str] = []
+        async for entry_id, raw in self.redis.hscan_iter(self.keys.entries, count=1000):
+            if Registered.from_json(entry_id.decode(), raw).scope == scope:
+                found.append(entry_id.decode())
+        return found
 
     async def claim_unused(self, sha256: str, token: str) -> bool:
         """Mark a blob no entry uses as being deleted by `token`: True, delete its files and

@@ -1,0 +1,137 @@
+"""Scopes (issue 16, first half): an entry made for one scope is never served to a request of
+another, by any tier; purging one scope leaves the others' entries and files."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from consumers.wiring import blob_store, registry
+from promptcache.invalidation import purge
+from promptcache.keys import Keys
+from schemas.events import Result
+from tests.conftest import local_model_settings, make_settings, wait_until
+from tests.helpers import CountingGenerator, results, results_for, send, worker_for
+from tests.test_semantic import semantic_worker
+
+
+async def _answer(redis, keys, rid, prompt, scope=None, **params) -> Result:
+    await send(redis, keys.requests, request_id=rid, prompt=prompt, scope=scope,
+               params=params or {"width": 512, "height": 512})
+
+    async def answered() -> bool:
+        return bool(await results_for(redis, keys.results, rid))
+
+    await wait_until(answered, timeout=60)
+    return (await results_for(redis, keys.results, rid))[0]
+
+
+async def test_nothing_is_served_across_scopes_and_repeats_hit_within_one(redis, keys, settings):
+    gen = CountingGenerator()
+    prompt = "a lighthouse on a cliff at dusk"
+    await send(redis, keys.requests, request_id="a1", prompt=prompt, scope="tenant-a")
+    await send(redis, keys.requests, request_id="b1", prompt=prompt, scope="tenant-b")
+    await send(redis, keys.requests, request_id="s1", prompt=prompt)
+    await worker_for(settings, redis, gen).run(burst=True)  # the three at the same moment
+    first = {r.request_id: r for r in await results(redis, keys.results)}
+    assert [first[r].cache for r in ("a1", "b1", "s1")] == ["miss", "miss", "miss"]
+    assert len({first[r].entry_id for r in ("a1", "b1", "s1")}) == 3
+    assert len(gen.calls) == 3  # no single flight across scopes either
+    for rid, scope in (("a2", "tenant-a"), ("b2", "tenant-b"), ("s2", None)):
+        await send(redis, keys.requests, request_id=rid, prompt=prompt.upper(), scope=scope)
+    await worker_for(settings, redis, gen).run(burst=True)
+    for rid, origin in (("a2", "a1"), ("b2", "b1"), ("s2", "s1")):
+        [again] = await results_for(redis, keys.results, rid)
+        assert again.cache == "exact" and again.entry_id == first[origin].entry_id
+
+
+async def test_an_invalid_scope_is_rejected(redis, keys, settings):
+    await send(redis, keys.requests, request_id="bad",
+               raw='{"request_id": "bad", "prompt": "a kite", "scope": "tenant/../a"}')
+    await send(redis, keys.requests, request_id="long",
+               raw='{"request_id": "long", "prompt": "a kite", "scope": "' + "x" * 65 + '"}')
+    await worker_for(settings, redis, CountingGenerator()).run(burst=True)
+    for rid in ("bad", "long"):
+        [result] = await results_for(redis, keys.results, rid)
+        assert result.status == "rejected" and result.error.code == "invalid_request"
+        assert "scope" in result.error.message
+
+
+async def test_rewrites_in_another_scope_are_never_semantic_hits(
+        tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
+        models_dir: Path) -> None:
+    settings = local_model_settings(tmp_path, redis_url, keys, models_dir)
+    gen = CountingGenerator()
+    async with semantic_worker(settings, redis, gen):
+        first = await _answer(redis, keys, "r1", "a red sports car parked on a wet street at "
+                              "night", scope="tenant-a")
+        rewrite = "please draw a red sports car parked on the wet street at night"
+        other = await _answer(redis, keys, "r2", rewrite, scope="tenant-b")
+        shared = await _answer(redis, keys, "r3", rewrite)
+        same = await _answer(redis, keys, "r4", rewrite, scope="tenant-a")
+    assert first.cache == "miss"
+    assert other.cache == "miss" and other.entry_id != first.entry_id
+    assert shared.cache == "miss" and shared.entry_id not in (first.entry_id, other.entry_id)
+    assert same.cache == "semantic" and same.entry_id == first.entry_id  # within the scope: yes
+
+
+async def test_purging_one_scope_leaves_the_others_entries_and_files(redis, keys, tmp_path,
+                                                                     redis_url, db):
+    settings = make_settings(tmp_path, redis_url, keys, database_url=db)
+    gen = CountingGenerator()
+    prompt = "a paper boat on a puddle"  # same prompt and params: the same picture, one blob
+    for rid, scope in (("a1", "tenant-a"), ("b1", "tenant-b")):
+        await send(redis, keys.requests, request_id=rid, prompt=prompt, scope=scope)
+    await worker_for(settings, redis, gen).run(burst=True)
+    a1, b1 = (await results_for(redis, keys.results, "a1"))[0], \
+        (await results_for(redis, keys.results, "b1"))[0]
+    assert a1.image_url == b1.image_url and a1.entry_id != b1.entry_id  # one file, two entries
+    entries = registry(redis, keys, blob_store(settings), settings)
+    assert await purge(redis, keys, db, entries, scope="tenant-a") == 1
+    assert await entries.entries_in_scope("tenant-a") == []
+    assert await entries.entries_in_scope("tenant-b") == [b1.entry_id]
+    sha = b1.image_url.rsplit("/", 1)[-1].split(".")[0]
+    assert blob_store(settings).image_path(f"{sha}.png").is_file()  # still used by tenant-b
+    for rid, scope in (("a2", "tenant-a"), ("b2", "tenant-b")):
+        await send(redis, keys.requests, request_id=rid, prompt=prompt, scope=scope)
+    await worker_for(settings, redis, gen).run(burst=True)
+    assert (await results_for(redis, keys.results, "a2"))[0].cache == "miss"
+    assert (await results_for(redis, keys.results, "b2"))[0].cache == "exact"
+
+
+async def test_a_thousand_requests_over_twenty_scopes_never_cross(redis, keys, settings):
+    """1,000 requests, 20 scopes, 25 prompts shared by every scope (so each prompt is cached in
+    many scopes at once): every hit's entry was made in the hit's own scope."""
+    rng = random.Random(16)
+    prompts = [f"a {c} {t} in a {p}" for c, t, p in itertools.product(
+        ["red", "blue", "green", "gold", "white"], ["fox", "owl", "tram", "kite", "lamp"],
+        ["forest", "city", "desert", "harbour", "garden"])][::5]
+    assert len(set(prompts)) == 25
+    scopes = [f"tenant-{i:02d}" for i in range(20)]
+    sent: dict[str, str] = {}
+    gen = CountingGenerator()
+    for batch in range(5):
+        for i in range(200):
+            rid = f"q{batch}-{i}"
+            scope = rng.choice(scopes)
+            sent[rid] = scope
+            await send(redis, keys.requests, request_id=rid, prompt=rng.choice(prompts),
+                       scope=scope)
+        await worker_for(settings, redis, gen).run(burst=True)
+    answered = {r.request_id: r for r in await results(redis, keys.results)}
+    assert set(answered) == set(sent)
+    made_in: dict[str, str] = {}
+    for rid, result in answered.items():
+        if result.cache == "miss":
+            made_in[result.entry_id] = sent[rid]
+    crossed = sum(1 for rid, r in answered.items()
+                  if r.cache != "miss" and made_in.get(r.entry_id) != sent[rid])
+    kinds = Counter(r.cache for r in answered.values())
+    print(f"1,000 requests over 20 scopes: {kinds}, cross-scope answers: {crossed}")
+    assert crossed == 0
+    assert kinds["exact"] + kinds["coalesced"] > 300  # the scopes do get hits of their own
+    assert len(gen.calls) == len(made_in) <= 20 * 25
