@@ -169,6 +169,7 @@ def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aior
                         exact=ExactCache(cache_redis, keys, settings.ttl) if cache_redis else None,
                         blobs=blobs, public_url=settings.effective_public_url,
                         signer=settings.url_signer(),
+                        scope_limit_bytes=int(settings.scope_storage_limit or 0),
                         thumbnail_size=settings.thumbnail_size,
                         registry=entries,
                         policy=PolicySettings(explicit=settings.policy_explicit,

@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     # cache
     ttl: Duration = timedelta(days=30)
     storage_limit: ByteSize = ByteSize(10 * 1000**3)
+    # per scope (tenant), on top of storage_limit: a scope past it loses its own LRU entries
+    scope_storage_limit: ByteSize | None = None
     thumbnail_size: int = 256
     cache_timeout: Duration = timedelta(milliseconds=50)  # cache store: fail fast, then bypass
     # images written without a registration (cache store down or slow): each worker deletes

@@ -103,6 +103,7 @@ class Pipeline:
 
     def __init__(self, *, generator: Generator, exact: ExactCache | None, blobs: BlobStore,
                  public_url: str, thumbnail_size: int = 256, signer: UrlSigner | None = None,
+                 scope_limit_bytes: int = 0,
                  registry: EntryRegistry | None = None,
                  policy: PolicySettings | None = None, flight: Flight | None = None,
                  semantic: SemanticTier | None = None,
@@ -121,6 +122,7 @@ class Pipeline:
         self.blobs = blobs
         self.public_url = public_url.rstrip("/")
         self.signer = signer  # signed image URLs (PROMPTCACHE_URL_SIGNING_KEY), or plain ones
+        self.scope_limit_bytes = scope_limit_bytes  # PROMPTCACHE_SCOPE_STORAGE_LIMIT, 0: none
         self.thumbnail_size = thumbnail_size
         # In-process single flight: identical misses in this worker wait for one generation;
         # its leader takes the cross-worker lock (`flight`) so other workers wait for it too.
@@ -452,6 +454,11 @@ class Pipeline:
                     await asyncio.sleep(0.02)
             if reservation.blob_deleting:
                 await self.registry.wait_deleted(blob.sha256)
+            if scope is not None and self.scope_limit_bytes:  # the tenant's quota: LRU within it
+                evicted = await self.registry.evict_scope_lru(
+                    scope, self.scope_limit_bytes, keep=entry.entry_id, reason="scope_limit")
+                await self._record_changes([e.change_event("scope_limit") for e in evicted],
+                                           changes)
             return True
         except (RedisError, OSError) as exc:
             log.warning("cache_unavailable", error=str(exc))

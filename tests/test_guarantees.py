@@ -194,8 +194,9 @@ async def test_reconcile_counts_a_registration_that_lands_during_its_scan(
 
     def register_late() -> None:
         script(keys=[keys.entries, keys.lru, keys.blob_refs, keys.stored_bytes,
-                     f"{keys.prefix}:cache:blob-deleting"],
-               args=[late.entry_id, late.to_json(), late.created, late.blob, late.bytes, 10**9])
+                     f"{keys.prefix}:cache:blob-deleting", f"{keys.prefix}:cache:scope-bytes"],
+               args=[late.entry_id, late.to_json(), late.created, late.blob, late.bytes, 10**9,
+                     ""])
 
     blobs = RegisteringDuringScan(tmp_path, register_late)
     entries = EntryRegistry(redis, keys, blobs, limit_bytes=10**9)

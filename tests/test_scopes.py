@@ -4,6 +4,7 @@ another, by any tier; purging one scope leaves the others' entries and files."""
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -135,3 +136,33 @@ async def test_a_thousand_requests_over_twenty_scopes_never_cross(redis, keys, s
     assert crossed == 0
     assert kinds["exact"] + kinds["coalesced"] > 300  # the scopes do get hits of their own
     assert len(gen.calls) == len(made_in) <= 20 * 25
+
+
+async def test_a_scope_at_its_quota_evicts_only_its_own_entries(redis, keys, tmp_path, redis_url):
+    gen = CountingGenerator()
+    probe = make_settings(tmp_path / "probe", redis_url, Keys(f"{keys.prefix}-probe"))
+    await send(redis, Keys(f"{keys.prefix}-probe").requests, request_id="p", prompt="a probe")
+    await worker_for(probe, redis, gen).run(burst=True)
+    one = sum(p.stat().st_size for p in probe.data_dir.rglob("*") if p.is_file())  # 1 picture
+    assert one > 0
+    settings = make_settings(tmp_path, redis_url, keys, scope_storage_limit=int(one * 2.5))
+    entries = registry(redis, keys, blob_store(settings), settings)
+    for i in range(2):  # under its quota: it keeps both
+        await send(redis, keys.requests, request_id=f"b{i}", prompt=f"tenant b picture {i}",
+                   scope="tenant-b")
+    await worker_for(settings, redis, gen).run(burst=True)
+    b_entries = sorted(await entries.entries_in_scope("tenant-b"))
+    assert len(b_entries) == 2
+    for i in range(5):  # one at a time, so the LRU order is the order sent
+        await send(redis, keys.requests, request_id=f"a{i}", prompt=f"tenant a picture {i}",
+                   scope="tenant-a")
+        await worker_for(settings, redis, gen).run(burst=True)
+    a_ids = [(await results_for(redis, keys.results, f"a{i}"))[0].entry_id for i in range(5)]
+    left = await entries.entries_in_scope("tenant-a")
+    assert sorted(left) == sorted(a_ids[-2:])  # its two newest fit under 2.5 images
+    assert await entries.scope_stored("tenant-a") <= one * 2.5
+    assert sorted(await entries.entries_in_scope("tenant-b")) == b_entries  # untouched
+    evicted = [f[b"data"] for _, f in await redis.xrange(keys.changes)
+               if b'"entry_evicted"' in f[b"data"] and b'scope_limit' in f[b"data"]]
+    ids = [json.loads(e)["entry_id"] for e in evicted]
+    assert sorted(ids) == sorted(a_ids[:3]), ids

@@ -49,8 +49,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: entries, lru, blob-refs, stored-bytes, blob-deleting. ARGV: entry id, record, created,
-# blob, bytes, limit. Returns {bytes newly accounted or -1 (no room), 1 when the blob's files
+# KEYS: entries, lru, blob-refs, stored-bytes, blob-deleting, scope-bytes. ARGV: entry id,
+# record, created, blob, bytes, limit, scope ("" for the shared scope). Returns {bytes newly accounted or -1 (no room), 1 when the blob's files
 # are being deleted right now (the caller waits for that to end, then writes them)}.
 _REGISTER = _NOW + """
 local refs = tonumber(redis.call('HGET', KEYS[3], ARGV[4]) or '0')
@@ -62,12 +62,15 @@ redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 if add > 0 then redis.call('INCRBY', KEYS[4], add) end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+-- a scope's account counts its entries' bytes, shared blobs included (what the scope uses)
+if ARGV[7] ~= '' then redis.call('HINCRBY', KEYS[6], ARGV[7], tonumber(ARGV[5])) end
 local mark = redis.call('HGET', KEYS[5], ARGV[4])
 if mark and cjson.decode(mark)['until'] >= now then return {add, 1} end
 return {add, 0}
 """
 
-# KEYS: entries, lru, blob-refs, stored-bytes, blob-deleting, then the `Forget` fragment's.
+# KEYS: entries, lru, blob-refs, stored-bytes, blob-deleting, scope-bytes, then the `Forget`
+# fragment's.
 # ARGV: entry id, mark ttl ms, then the fragment's.
 # With the last reference the blob is marked "being deleted" (by this entry, with its bytes)
 # in the same step: a registration of the blob from now on waits until `_DELETED` clears it.
@@ -77,6 +80,11 @@ if not record then return false end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 local entry = cjson.decode(record)
+if entry['scope'] then
+  if redis.call('HINCRBY', KEYS[6], entry['scope'], -tonumber(entry['bytes'])) <= 0 then
+    redis.call('HDEL', KEYS[6], entry['scope'])
+  end
+end
 local refs = redis.call('HINCRBY', KEYS[3], entry['blob'], -1)
 local freed = 0
 if refs <= 0 then
@@ -87,7 +95,7 @@ if refs <= 0 then
   redis.call('PEXPIRE', KEYS[5], tonumber(ARGV[2]))
 end
 -- what else forgets it in this step (the `Forget` fragment, with its own keys and args)
-local entry_id, forget_keys, forget_args = ARGV[1], {unpack(KEYS, 6)}, {unpack(ARGV, 3)}
+local entry_id, forget_keys, forget_args = ARGV[1], {unpack(KEYS, 7)}, {unpack(ARGV, 3)}
 --FORGET--
 return {record, freed}
 """
@@ -221,16 +229,49 @@ class EntryRegistry:
         self._delete_if_same = redis.register_script(COMPARE_AND_DELETE)
         self._keys = [keys.entries, keys.lru, keys.blob_refs, keys.stored_bytes,
                       self.deleting_key]
-        self._unregister_keys = [*self._keys, *forget.keys]
+        self.scope_bytes_key = f"{keys.prefix}:cache:scope-bytes"  # scope -> bytes its entries use
+        self._register_keys = [*self._keys, self.scope_bytes_key]
+        self._unregister_keys = [*self._keys, self.scope_bytes_key, *forget.keys]
         self._forget_args = list(forget.args)
         self._mark_ms = int(DELETE_MARK_S * 1000)
 
     async def register(self, entry: Registered) -> Reservation:
         """Reserve and record (see Reservation)."""
-        added, deleting = await self._register(keys=self._keys, args=[
+        added, deleting = await self._register(keys=self._register_keys, args=[
             entry.entry_id, entry.to_json(), entry.created, entry.blob, entry.bytes,
-            self.limit_bytes])
+            self.limit_bytes, entry.scope or ""])
         return Reservation(int(added), bool(int(deleting)))
+
+    async def scope_stored(self, scope: str) -> int:
+        """Bytes the entries of `scope` use (a blob shared with other entries counts in full)."""
+        return int(await self.redis.hget(self.scope_bytes_key, scope) or 0)
+
+    async def evict_scope_lru(self, scope: str, limit_bytes: int, *, keep: str, reason: str,
+                              batch: int = 200, max_scan: int = 100_000) -> list[Eviction]:
+        """Evict `scope`'s least recently used entries (never `keep`, the one just stored, nor
+        another scope's) until the scope uses at most `limit_bytes`. Walks the LRU index from
+        its oldest end, at most `max_scan` entries."""
+        done: list[Eviction] = []
+        start = 0
+        while start < max_scan and await self.scope_stored(scope) > limit_bytes:
+            oldest = [r.decode() for r in
+                      await self.redis.zrange(self.keys.lru, start, start + batch - 1)]
+            if not oldest:
+                break
+            raws = await self.redis.hmget(self.keys.entries, oldest)
+            mine = [entry_id for entry_id, raw in zip(oldest, raws, strict=True)
+                    if raw is not None and entry_id != keep
+                    and Registered.from_json(entry_id, raw).scope == scope]
+            evicted_here = 0
+            for entry_id in mine:
+                if await self.scope_stored(scope) <= limit_bytes:
+                    break
+                done += await self.evict_many([entry_id], reason=reason)
+                evicted_here += 1
+            start += batch - evicted_here  # the evicted ones left the index
+        if done:
+            log.info("scope_entries_evicted", scope=scope, count=len(done), reason=reason)
+        return done
 
     async def wait_deleted(self, sha256: str, *, poll_s: float = 0.02) -> None:
         """Until the blob's deletion has ended (or its mark ran out of time)."""
