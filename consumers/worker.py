@@ -84,6 +84,7 @@ class _Answer:
     origin_id: str  # the request entry's id: latency runs from its time
     reply_to: str | None
     outcome: Outcome
+    scope: str | None = None  # the request's scope (per-scope counters and statistics)
 
 
 class Worker:
@@ -117,7 +118,8 @@ class Worker:
         self.publisher = Publisher(redis, dead_letter_stream=keys.dead_letter,
                                    changes_stream=keys.changes, results_stream=keys.results,
                                    metrics_results=keys.metrics_results, done_ttl=done_ttl,
-                                   outbox=keys.outbox, durable=durable_results)
+                                   outbox=keys.outbox, metrics_scopes=keys.metrics_scopes,
+                                   durable=durable_results)
         self.counters: Counter[str] = Counter()
 
     def stop(self) -> None:
@@ -196,7 +198,8 @@ class Worker:
             except RequestRejected as exc:
                 answers.append(_Answer(delivery.message_id, delivery.message_id,
                                        request.reply_to,
-                                       _answer_with_error(request, "rejected", exc)))
+                                       _answer_with_error(request, "rejected", exc),
+                                       request.scope))
                 continue
             if request.options.cache != "use":
                 handoffs.append(self._handoff(delivery.message_id, request))
@@ -211,7 +214,8 @@ class Worker:
                 if entry is not None:
                     answers.append(_Answer(delivery.message_id, delivery.message_id,
                                            prepared.request.reply_to,
-                                           self.pipeline.hit(prepared, entry, "exact")))
+                                           self.pipeline.hit(prepared, entry, "exact"),
+                                           prepared.request.scope))
                 elif found is not None and self.pipeline.semantic is not None:
                     similar.append((delivery, prepared))
                 else:
@@ -240,7 +244,8 @@ class Worker:
                                                  strict=True):
             if outcome is not None:
                 answers.append(_Answer(delivery.message_id, delivery.message_id,
-                                       prepared.request.reply_to, outcome))
+                                       prepared.request.reply_to, outcome,
+                                       prepared.request.scope))
             else:
                 handoffs.append(self._handoff(delivery.message_id, prepared.request))
         await self._retrying(lambda: self._publish(self.fast.reader.source, answers, handoffs))
@@ -276,7 +281,7 @@ class Worker:
         except GenerationFailed as exc:
             outcome = _answer_with_error(request, "failed", exc)
         await self._publish(source, [_Answer(delivery.message_id, job.origin_id,
-                                             request.reply_to, outcome)])
+                                             request.reply_to, outcome, request.scope)])
         log.info("result_published", request_id=request.request_id,
                  status=outcome.result.status, cache=outcome.result.cache)
 
@@ -292,7 +297,7 @@ class Worker:
             latency = round(now - entry_time_ms(item.origin_id), 2)
             result = item.outcome.result.model_copy(update={"latency_ms": latency})
             rows.append(self._result_row(item.message_id, item.reply_to, result,
-                                         item.outcome.saved_generation_ms))
+                                         item.outcome.saved_generation_ms, item.scope))
             changes += [c.model_copy(update={"latency_ms": latency}).model_dump_json(
                 exclude_none=True) for c in item.outcome.changes]
         rows += handoffs
@@ -313,7 +318,7 @@ class Worker:
             self.slow.drained = False  # there is work for the generation stage now
 
     def _result_row(self, message_id: str, reply_to: str | None, result: Result,
-                    saved_generation_ms: float | None) -> Outgoing:
+                    saved_generation_ms: float | None, scope: str | None = None) -> Outgoing:
         fallback = ""
         if reply_to:  # where the result goes when the reply_to cannot be written
             fallback = result.model_copy(update={"error": ErrorInfo(
@@ -328,11 +333,13 @@ class Worker:
         answer = Answer(request_id=result.request_id, status=result.status, tier=tier,
                         entry_id=result.entry_id, latency_ms=latency,
                         reason=result.error.code if result.error else None,
-                        generation_ms=saved_generation_ms, similarity=result.similarity)
+                        generation_ms=saved_generation_ms, similarity=result.similarity,
+                        scope=scope)
         return Outgoing(message_id, self.keys.done(result.request_id),
                         reply_to or self.keys.results, result.model_dump_json(),
                         fallback=fallback, answer=answer.model_dump_json(exclude_none=True),
                         counter=f"{tier or ''}|{result.status}",
+                        scope_counter=f"{scope}|{tier or ''}|{result.status}" if scope else "",
                         histogram=self.keys.metrics_latency(tier or result.status),
                         bucket=bucket_of(latency), latency_ms=latency)
 
@@ -410,7 +417,7 @@ class Worker:
             if reply_to is not None and intake.is_own_key(reply_to, self.keys.prefix):
                 reply_to = None
             result = self._result_row(delivery.message_id, reply_to, failed,
-                                      saved_generation_ms=None)
+                                      saved_generation_ms=None, scope=request.scope)
         await self.publisher.dead_letter(source, delivery.message_id,
                                          data=letter.model_dump_json(), result=result)
         self.counters["dead_lettered"] += 1

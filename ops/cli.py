@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", type=float, default=120.0)
 
     stats = sub.add_parser("stats", help="streams, workers and cache statistics")
+    stats.add_argument("--scope", default=None,
+                       help="the cache figures of one scope (tenant) only")
     stats.add_argument("--json", action="store_true")
     stats.add_argument("--since", default="24h", metavar="DURATION",
                        help="how far back the hourly rollups go (default 24h; e.g. 7d, 30d)")
@@ -264,7 +266,10 @@ async def _stats(args: argparse.Namespace, settings: Settings) -> int:
     db = None
     if settings.database_url:
         try:
-            db = await asyncio.to_thread(database_stats, settings.database_url, since)  # type: ignore[arg-type]
+            db = await asyncio.to_thread(database_stats, settings.database_url, since,  # type: ignore[arg-type]
+                                         args.scope)
+            if db is not None and args.scope is not None:
+                db["scope"] = args.scope
         except Exception as exc:  # noqa: BLE001 - the report shows what it could read
             print(f"database unavailable: {exc}", file=sys.stderr)
     if args.json:

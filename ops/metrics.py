@@ -31,8 +31,9 @@ class RedisCollector(Collector):
     the web server runs it in a thread)."""
 
     def __init__(self, client: redis.Redis, keys: Keys, storage_limit: int,
-                 cache: redis.Redis | None = None) -> None:
+                 cache: redis.Redis | None = None, top_scopes: int = 10) -> None:
         self.client = client  # the streams Redis: counters, histograms, stream groups
+        self.top_scopes = top_scopes
         self.cache = cache or client  # the cache store: bytes and entries
         self.keys = keys
         self.storage_limit = storage_limit
@@ -44,6 +45,7 @@ class RedisCollector(Collector):
             tier, _, status = raw.decode().partition("|")
             results.add_metric([tier, status], float(value))
         yield results
+        yield self._by_scope()
 
         latency = HistogramMetricFamily(
             "promptcache_request_latency_seconds", "Request entry to result published, by tier "
@@ -87,6 +89,30 @@ class RedisCollector(Collector):
                 pending.add_metric([stream, name], float(group["pending"]))
         yield lag
         yield pending
+
+    def _by_scope(self) -> Metric:
+        """Results of scoped requests, labelled by scope: the `top_scopes` busiest scopes by
+        name, the rest summed as "other", so the label's cardinality stays bounded however many
+        tenants there are. (Requests without a scope are in promptcache_results only.)"""
+        family = CounterMetricFamily(
+            "promptcache_scope_results", "Results published for requests with a scope, by "
+            f"scope (the {self.top_scopes} busiest; the rest as \"other\"), tier and status",
+            labels=["scope", "cache", "status"])
+        counts: dict[tuple[str, str, str], float] = {}
+        for raw, value in self.client.hgetall(self.keys.metrics_scopes).items():
+            scope, tier, status = (raw.decode().split("|") + ["", ""])[:3]
+            counts[(scope, tier, status)] = float(value)
+        totals: dict[str, float] = {}
+        for (scope, _, _), value in counts.items():
+            totals[scope] = totals.get(scope, 0.0) + value
+        top = set(sorted(totals, key=lambda s: (-totals[s], s))[:self.top_scopes])
+        merged: dict[tuple[str, str, str], float] = {}
+        for (scope, tier, status), value in counts.items():
+            label = (scope if scope in top else "other", tier, status)
+            merged[label] = merged.get(label, 0.0) + value
+        for labels, value in sorted(merged.items()):
+            family.add_metric(list(labels), value)
+        return family
 
     def _semantic(self) -> Iterator[Metric]:
         decisions = CounterMetricFamily(

@@ -71,19 +71,34 @@ async def semantic_stats(cache: aioredis.Redis, keys: Keys) -> dict[str, Any]:
             "indexes": sorted(indexes, key=lambda i: i["consumer"]), "decisions": counters}
 
 
-def database_stats(database_url: str, since: timedelta = timedelta(hours=24)) -> dict[str, Any]:
-    """Entries now, and the hourly rollups of the last `since`."""
+def database_stats(database_url: str, since: timedelta = timedelta(hours=24),
+                   scope: str | None = None) -> dict[str, Any]:
+    """Entries now, and the hourly rollups of the last `since`; with `scope`, that scope's only
+    ("" the shared scope; evictions are not counted per scope)."""
     with psycopg.connect(database_url, row_factory=dict_row, connect_timeout=5) as conn:
         entries = conn.execute(
             "SELECT count(*) AS entries, coalesce(sum(image_bytes + thumbnail_bytes), 0)::bigint"
-            " AS bytes FROM cache_entries").fetchone() or {}
-        rows = conn.execute("SELECT * FROM stats_hourly WHERE hour >= now() - %s",
-                            (since,)).fetchall()
+            " AS bytes FROM cache_entries"
+            + ("" if scope is None else " WHERE scope IS NULL" if scope == ""
+               else " WHERE scope = %s"),
+            (scope,) if scope else ()).fetchone() or {}
+        rows = conn.execute("SELECT * FROM stats_hourly WHERE hour >= now() - %s"
+                            + (" AND scope = %s" if scope is not None else ""),
+                            (since, scope) if scope is not None else (since,)).fetchall()
         evictions = conn.execute(
             "SELECT reason, sum(evictions)::bigint AS evictions, sum(bytes_freed)::bigint"
             " AS bytes_freed FROM evictions_hourly WHERE hour >= now() - %s GROUP BY reason",
             (since,)).fetchall()
     return {**entries, **stats.summarise(rows, evictions, since)}
+
+
+def scopes(database_url: str, since: timedelta = timedelta(hours=24)) -> list[str]:
+    """The scopes with results in the last `since` ('' is the shared scope), busiest first."""
+    with psycopg.connect(database_url, connect_timeout=5) as conn:
+        rows = conn.execute("SELECT scope FROM stats_hourly WHERE hour >= now() - %s"
+                            " GROUP BY scope ORDER BY sum(requests) DESC LIMIT 200",
+                            (since,)).fetchall()
+    return [row[0] for row in rows]
 
 
 async def recent_results(redis: aioredis.Redis, keys: Keys, cache: aioredis.Redis | None = None,

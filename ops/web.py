@@ -149,7 +149,10 @@ def build_app(*, blobs: BlobStore, redis: aioredis.Redis | None, keys: Keys,
         return FileResponse(DASHBOARD_DIR / name, media_type=_DASHBOARD_FILES[name],
                             headers=_NO_STORE)
 
-    async def summary(_: Request) -> Response:
+    async def summary(request: Request) -> Response:
+        # the dashboard's filter: absent or empty, every scope; "-", the shared scope
+        scope = request.query_params.get("scope") or None
+        scope = "" if scope == "-" else scope
         out: dict[str, Any] = {"at": time.time(), "storage_limit": storage_limit,
                                "streams": None, "rates": None, "database": None}
         health: dict[str, Any] = {"redis": await overview.ping(redis)}
@@ -173,7 +176,8 @@ def build_app(*, blobs: BlobStore, redis: aioredis.Redis | None, keys: Keys,
             started = time.perf_counter()
             try:
                 out["database"] = await asyncio.to_thread(overview.database_stats,
-                                                          database_url, since)
+                                                          database_url, since, scope)
+                out["scopes"] = await asyncio.to_thread(overview.scopes, database_url, since)
                 health["postgresql"] = {"status": "ok", "ms": round(
                     (time.perf_counter() - started) * 1000, 1)}
             except (psycopg.Error, OSError) as exc:

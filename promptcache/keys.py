@@ -66,6 +66,11 @@ class Keys:
     def metrics_results(self) -> str:
         return f"{self.prefix}:metrics:results"
 
+    @property
+    def metrics_scopes(self) -> str:
+        """Results counted per scope: field "scope|tier|status" (requests with a scope only)."""
+        return f"{self.prefix}:metrics:results-by-scope"
+
     def metrics_latency(self, tier: str) -> str:
         return f"{self.prefix}:metrics:latency:{tier}"
 

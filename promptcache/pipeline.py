@@ -415,6 +415,7 @@ class Pipeline:
         stored = ChangeEvent(
             type="entry_stored", entry_id=entry.entry_id, at=entry.created_at, cache_key=key,
             tier=status, request_id=request.request_id, prompt=request.prompt,
+            scope=request.scope,
             canonical_prompt=canonical, negative_prompt=negative, params=params.as_dict(),
             optimizer_version=version, generator=self.generator.name,
             blob_sha256=blob.sha256, content_type=image.content_type, width=image.width,

@@ -137,13 +137,15 @@ class Source:
 
 # One batch of answers, atomically. KEYS: [1] the stream read, [2] the change stream, [3] the
 # results stream (where a result goes when its reply_to cannot be written), [4] the results
-# counters hash, [5] the outbox; then per row [done marker, target stream, latency histogram hash].
+# counters hash, [5] the outbox, [6] the per-scope results counters hash; then per row [done
+# marker, target stream, latency histogram hash].
 # ARGV: [1] group, [2] done marker TTL in ms, [3] the head of the batch's `requests_answered`
 # change event (JSON up to its answers array), [4] "1" to stage results in the outbox instead of
 # publishing them (durable mode: `_FLUSH_OUTBOX` publishes them once the append-only file has
-# the batch), [5] rows; then per row 8 values: entry id, kind
+# the batch), [5] rows; then per row 9 values: entry id, kind
 # ("r" a result, "h" a hand-off to another stream, "a" acknowledge only), data, fallback result
-# ("" for none), answer JSON ("" for none), counter field, histogram bucket, latency in ms; then
+# ("" for none), answer JSON ("" for none), counter field, histogram bucket, latency in ms, the
+# per-scope counter field ("" for none); then
 # the number of further entries, and those entries' data; their streams are the KEYS after the
 # rows'. Further entries (change events, a dead letter) are written whatever the rows decide.
 # A result is published, and its request marked done, only when the marker is absent: however
@@ -153,13 +155,15 @@ local group, ttl, head, stage = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1'
 local n = tonumber(ARGV[5])
 local acks, answers, counts, sums, flags = {}, {}, {}, {}, {}
 local staged_at = redis.call('TIME')[1]
+local scounts = {}
 local a = 6
 for i = 1, n do
-  local k = 5 + (i - 1) * 3
+  local k = 6 + (i - 1) * 3
   local done, target, hist = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local mid, kind, data, fallback = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local answer, field, bucket, latency = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
-  a = a + 8
+  local sfield = ARGV[a + 8]
+  a = a + 9
   acks[#acks + 1] = mid
   flags[i] = 0
   if kind ~= 'a' and redis.call('EXISTS', done) == 0 then
@@ -181,6 +185,7 @@ for i = 1, n do
       if flags[i] == 0 then flags[i] = 1 end
       redis.call('SET', done, mid, 'PX', ttl)
       if answer ~= '' then answers[#answers + 1] = answer end
+      if sfield ~= '' then scounts[sfield] = (scounts[sfield] or 0) + 1 end
       if field ~= '' then
         counts[field] = (counts[field] or 0) + 1
         local h = sums[hist]
@@ -193,6 +198,7 @@ for i = 1, n do
 end
 if #acks > 0 then redis.call('XACK', KEYS[1], group, unpack(acks)) end
 for field, c in pairs(counts) do redis.call('HINCRBYFLOAT', KEYS[4], field, c) end
+for field, c in pairs(scounts) do redis.call('HINCRBYFLOAT', KEYS[6], field, c) end
 for hist, h in pairs(sums) do
   for bucket, c in pairs(h.buckets) do redis.call('HINCRBYFLOAT', hist, bucket, c) end
   redis.call('HINCRBYFLOAT', hist, 'sum', h.sum)
@@ -201,7 +207,7 @@ if #answers > 0 then
   redis.call('XADD', KEYS[2], '*', 'data', head .. table.concat(answers, ',') .. ']}')
 end
 local m = tonumber(ARGV[a])
-for j = 1, m do redis.call('XADD', KEYS[5 + n * 3 + j], '*', 'data', ARGV[a + j]) end
+for j = 1, m do redis.call('XADD', KEYS[6 + n * 3 + j], '*', 'data', ARGV[a + j]) end
 return flags
 """
 
@@ -247,6 +253,7 @@ class Outgoing:
     fallback: str = ""  # the result for the results stream when `stream` cannot be written
     answer: str = ""  # this answer's JSON in the batch's `requests_answered` change event
     counter: str = ""  # the results counter field ("tier|status"), "" for none
+    scope_counter: str = ""  # a scoped request's ("scope|tier|status"), "" for none
     histogram: str = ""  # the latency histogram hash
     bucket: int = 0
     latency_ms: float = 0.0
@@ -257,7 +264,7 @@ class Publisher:
 
     def __init__(self, redis: aioredis.Redis, *, dead_letter_stream: str, changes_stream: str,
                  results_stream: str, metrics_results: str, done_ttl: timedelta,
-                 outbox: str, durable: bool = False) -> None:
+                 outbox: str, metrics_scopes: str, durable: bool = False) -> None:
         self.redis = redis
         self.dead_letter_stream = dead_letter_stream
         self.changes_stream = changes_stream
@@ -265,6 +272,7 @@ class Publisher:
         self.metrics_results = metrics_results
         self.done_ttl = done_ttl
         self.outbox = outbox
+        self.metrics_scopes = metrics_scopes
         self.durable = durable
         self._script = redis.register_script(_PUBLISH_BATCH)
         self._flush = redis.register_script(_FLUSH_OUTBOX)
@@ -290,7 +298,7 @@ class Publisher:
         not hold. A crash between the steps leaves the results staged: `flush_stale` (worker
         start, every janitor pass) publishes them."""
         keys = [source.stream, self.changes_stream, self.results_stream, self.metrics_results,
-                self.outbox]
+                self.outbox, self.metrics_scopes]
         head = f'{{"type":"requests_answered","entry_id":"","at":{time.time()},"answers":['
         args: list[str | int | float] = [source.group, millis(self.done_ttl), head,
                                          "1" if self.durable else "0", len(rows)]
@@ -298,7 +306,7 @@ class Publisher:
             keys += [row.done_key, row.stream or self.results_stream,
                      row.histogram or self.metrics_results]
             args += [row.message_id, row.kind, row.data, row.fallback, row.answer, row.counter,
-                     row.bucket, row.latency_ms]
+                     row.bucket, row.latency_ms, row.scope_counter]
         further = [*((self.changes_stream, c) for c in changes), *extra]
         keys += [stream for stream, _ in further]
         args.append(len(further))

@@ -154,6 +154,7 @@ class Answer(BaseModel):
     latency_ms: float
     reason: str | None = None  # the error code when status is not ok
     generation_ms: float | None = None  # a hit: the generation time its entry cost (saved)
+    scope: str | None = None  # the request's scope; None: the shared scope
     similarity: float | None = None  # a semantic hit
 
 
@@ -192,3 +193,4 @@ class ChangeEvent(BaseModel):
     embedding_model: str | None = None
     partition: str | None = None
     answers: list[Answer] | None = None  # requests_answered: a batch of results (entry_id "")
+    scope: str | None = None  # entry_stored: the scope the entry belongs to (None: shared)

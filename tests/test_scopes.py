@@ -166,3 +166,59 @@ async def test_a_scope_at_its_quota_evicts_only_its_own_entries(redis, keys, tmp
                if b'"entry_evicted"' in f[b"data"] and b'scope_limit' in f[b"data"]]
     ids = [json.loads(e)["entry_id"] for e in evicted]
     assert sorted(ids) == sorted(a_ids[:3]), ids
+
+
+async def test_figures_per_scope_in_stats_metrics_and_the_dashboard(redis, keys, tmp_path,
+                                                                    redis_url, db):
+    import asyncio
+
+    import httpx
+    import redis as sync_redis
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from ops.metrics import RedisCollector
+    from ops.status import database_stats
+    from ops.web import build_app
+    from tests.test_persister_bulk import _persist
+
+    settings = make_settings(tmp_path, redis_url, keys, database_url=db)
+    sent = {"tenant-a": 3, "tenant-b": 2, "tenant-c": 1, "tenant-d": 1}
+    n = 0
+    for scope, count in sent.items():
+        for _ in range(count):
+            await send(redis, keys.requests, request_id=f"r{n}", prompt=f"{scope} cat",
+                       scope=scope)
+            n += 1
+    await send(redis, keys.requests, request_id="shared", prompt="a shared cat")
+    await worker_for(settings, redis, CountingGenerator()).run(burst=True)
+    await _persist(redis, keys, db)
+
+    for scope, count in sent.items():  # one miss, the rest exact or coalesced
+        figures = await asyncio.to_thread(database_stats, db, scope=scope)
+        assert sum(t["requests"] for t in figures["by_tier"].values()) == count
+        assert figures["entries"] == 1
+    shared = await asyncio.to_thread(database_stats, db, scope="")
+    assert sum(t["requests"] for t in shared["by_tier"].values()) == 1 and shared["entries"] == 1
+    everything = await asyncio.to_thread(database_stats, db)
+    assert sum(t["requests"] for t in everything["by_tier"].values()) == 8
+
+    client = sync_redis.Redis.from_url(redis_url)
+    try:
+        registry_ = CollectorRegistry()
+        registry_.register(RedisCollector(client, keys, storage_limit=10**9, top_scopes=2))
+        text = generate_latest(registry_).decode()
+    finally:
+        client.close()
+    lines = [ln for ln in text.splitlines() if ln.startswith("promptcache_scope_results_total{")]
+    labels = {ln.split('scope="')[1].split('"')[0] for ln in lines}
+    assert labels == {"tenant-a", "tenant-b", "other"}  # bounded: two by name, the rest summed
+    assert sum(float(ln.rsplit(" ", 1)[1]) for ln in lines) == 7  # the shared one is not here
+
+    app = build_app(blobs=blob_store(settings), redis=redis, keys=keys, database_url=db)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://web") as web:
+        body = (await web.get("/api/summary?scope=tenant-b")).json()
+        assert sum(t["requests"] for t in body["database"]["by_tier"].values()) == 2
+        assert body["scopes"][0] == "tenant-a" and set(body["scopes"]) == {*sent, ""}
+        body = (await web.get("/api/summary?scope=-")).json()
+        assert sum(t["requests"] for t in body["database"]["by_tier"].values()) == 1

@@ -461,7 +461,8 @@ async def test_durable_results_stay_unseen_until_on_disk_and_survive_a_crash_bet
     mids = [m.decode() for m, _ in read[0][1]]
     publisher = Publisher(redis, dead_letter_stream=keys.dead_letter, changes_stream=keys.changes,
                           results_stream=keys.results, metrics_results=keys.metrics_results,
-                          done_ttl=timedelta(hours=1), outbox=keys.outbox, durable=True)
+                          done_ttl=timedelta(hours=1), outbox=keys.outbox,
+                          metrics_scopes=keys.metrics_scopes, durable=True)
 
     async def crash(**_: object) -> list[int]:
         raise ConnectionError("worker killed between staging and publishing")

@@ -234,9 +234,23 @@ async function refreshRecent(force = false) {
   if (!data.results.length) grid.append(el("div", { class: "sub" }, "no results yet"));
 }
 
+function renderScopes(scopes) {
+  // the filter's choices: the scopes with results lately ("" is the shared scope)
+  const select = $("scope");
+  const chosen = select.value;
+  const wanted = ["", ...scopes.map((s) => s || "-")];
+  const have = [...select.options].map((o) => o.value);
+  if (wanted.length === have.length && wanted.every((v, i) => v === have[i])) return;
+  const label = (v) => (v === "" ? "all" : v === "-" ? "shared" : v);
+  select.replaceChildren(...wanted.map((v) => el("option", { value: v }, label(v))));
+  if (wanted.includes(chosen)) select.value = chosen;
+}
+
 async function refresh(force = false) {
   try {
-    const s = await getJSON("/api/summary");
+    const scope = $("scope").value;
+    const s = await getJSON("/api/summary" + (scope ? `?scope=${encodeURIComponent(scope)}` : ""));
+    renderScopes(s.scopes || []);
     const workers = s.streams ? s.streams.workers.length : 0;
     renderHealth(s.health, workers);
     renderCards(s);
@@ -252,5 +266,6 @@ async function refresh(force = false) {
 }
 
 $("token").value = sessionStorage.getItem("promptcache-token") || "";
+$("scope").addEventListener("change", () => refresh(true));
 refresh();
 setInterval(refresh, REFRESH_MS);

@@ -25,18 +25,18 @@ def _ts(epoch: float) -> datetime:
 _UPSERT_ENTRIES = """
 INSERT INTO cache_entries (entry_id, cache_key, prompt, canonical_prompt, negative_prompt, params,
     optimizer_version, generator, blob_sha256, content_type, width, height, image_bytes,
-    thumbnail_bytes, generation_ms, created_at, last_used_at, hit_count)
+    thumbnail_bytes, generation_ms, created_at, last_used_at, hit_count, scope)
 SELECT u.entry_id, u.cache_key, u.prompt, u.canonical_prompt, u.negative_prompt, u.params::jsonb,
     u.optimizer_version, u.generator, u.blob_sha256, u.content_type, u.width, u.height,
     u.image_bytes, u.thumbnail_bytes, u.generation_ms, u.at,
     GREATEST(u.at, (SELECT max(h.at) FROM cache_hits h WHERE h.entry_id = u.entry_id)),
-    (SELECT count(*) FROM cache_hits h WHERE h.entry_id = u.entry_id)
+    (SELECT count(*) FROM cache_hits h WHERE h.entry_id = u.entry_id), u.scope
 FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
             %s::text[], %s::text[], %s::text[], %s::int[], %s::int[], %s::bigint[],
-            %s::bigint[], %s::float8[], %s::timestamptz[])
+            %s::bigint[], %s::float8[], %s::timestamptz[], %s::text[])
     AS u(entry_id, cache_key, prompt, canonical_prompt, negative_prompt, params,
          optimizer_version, generator, blob_sha256, content_type, width, height, image_bytes,
-         thumbnail_bytes, generation_ms, at)
+         thumbnail_bytes, generation_ms, at, scope)
 ON CONFLICT (entry_id) DO NOTHING
 """
 # a batch of hits: rows for the requests not recorded yet, then each entry touched once with
@@ -176,7 +176,7 @@ class MetadataStore:
                 (e.entry_id, e.cache_key, e.prompt, e.canonical_prompt, e.negative_prompt,
                  json.dumps(e.params or {}), e.optimizer_version, e.generator, e.blob_sha256,
                  e.content_type, e.width, e.height, e.image_bytes, e.thumbnail_bytes,
-                 e.generation_ms, _ts(e.at)) for e in stored], 16))
+                 e.generation_ms, _ts(e.at), e.scope) for e in stored], 17))
         embedded = [e for e in stored if e.embedding and e.partition
                     and e.embedding_model and e.canonical_prompt is not None]
         if embedded:

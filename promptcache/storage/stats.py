@@ -47,18 +47,19 @@ class Hit:
 
 @dataclass
 class Rollup:
-    """What one batch of change events adds: result rows by (hour, tier, status), evictions by
+    """What one batch of change events adds: result rows by (hour, scope, tier, status; scope ''
+    is the shared one), evictions by
     (hour, reason), and the hits of entries (one per answered request served from the cache)."""
 
-    results: dict[tuple[datetime, str, str], ResultRow] = field(
+    results: dict[tuple[datetime, str, str, str], ResultRow] = field(
         default_factory=lambda: defaultdict(ResultRow))
     evictions: dict[tuple[datetime, str], list[int]] = field(
         default_factory=lambda: defaultdict(lambda: [0, 0]))
     hits: list[Hit] = field(default_factory=list)
 
     def answered(self, at: float, tier: str | None, status: str,
-                 latency_ms: float | None) -> ResultRow:
-        row = self.results[(hour_of(at), tier or "", status)]
+                 latency_ms: float | None, scope: str | None = None) -> ResultRow:
+        row = self.results[(hour_of(at), scope or "", tier or "", status)]
         latency = _finite(latency_ms)
         row.requests += 1
         row.latency_ms_sum += latency
@@ -83,7 +84,7 @@ def rollup(events: Sequence[ChangeEvent]) -> Rollup:
     for e in events:
         if e.type == "requests_answered":
             for a in e.answers or ():
-                row = out.answered(e.at, a.tier, a.status, a.latency_ms)
+                row = out.answered(e.at, a.tier, a.status, a.latency_ms, a.scope)
                 if a.status == "ok" and a.tier in HIT_TIERS and a.entry_id:
                     row.generator_seconds_avoided += _finite(a.generation_ms) / 1000
                     out.hits.append(Hit(a.entry_id, a.request_id, a.tier or "", a.latency_ms,
@@ -91,12 +92,12 @@ def rollup(events: Sequence[ChangeEvent]) -> Rollup:
         elif e.type == "request_answered":  # before requests_answered (one event per request)
             out.answered(e.at, e.tier, e.status or "", e.latency_ms)
         elif e.type == "entry_hit" and e.request_id:  # likewise
-            row = out.results[(hour_of(e.at), e.tier or "", "ok")]
+            row = out.results[(hour_of(e.at), "", e.tier or "", "ok")]
             row.generator_seconds_avoided += _finite(e.generation_ms) / 1000
             out.hits.append(Hit(e.entry_id, e.request_id, e.tier or "", e.latency_ms,
                                 _ts(e.at)))
         elif e.type == "entry_stored" and e.request_id:
-            row = out.results[(hour_of(e.at), e.tier or "miss", "ok")]
+            row = out.results[(hour_of(e.at), e.scope or "", e.tier or "miss", "ok")]
             row.generator_calls += 1
             row.generator_seconds += _finite(e.generation_ms) / 1000
             row.bytes_stored += (e.image_bytes or 0) + (e.thumbnail_bytes or 0)
@@ -112,10 +113,10 @@ def _ts(epoch: float) -> datetime:
 
 
 UPSERT_RESULTS = """
-INSERT INTO stats_hourly AS s (hour, tier, status, requests, latency_ms_sum, latency_buckets,
-    generator_calls, generator_seconds, generator_seconds_avoided, bytes_stored)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-ON CONFLICT (hour, tier, status) DO UPDATE SET
+INSERT INTO stats_hourly AS s (hour, scope, tier, status, requests, latency_ms_sum,
+    latency_buckets, generator_calls, generator_seconds, generator_seconds_avoided, bytes_stored)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (hour, scope, tier, status) DO UPDATE SET
     requests = s.requests + EXCLUDED.requests,
     latency_ms_sum = s.latency_ms_sum + EXCLUDED.latency_ms_sum,
     latency_buckets = (SELECT array_agg(a + b ORDER BY i) FROM unnest(s.latency_buckets,
@@ -135,10 +136,11 @@ ON CONFLICT (hour, reason) DO UPDATE SET evictions = e.evictions + EXCLUDED.evic
 # Rows in key order: persisters updating the same hourly rows lock them in the same order, so
 # they wait for each other instead of deadlocking.
 
-def result_params(rows: dict[tuple[datetime, str, str], ResultRow]) -> list[tuple[Any, ...]]:
-    return [(hour, tier, status, r.requests, r.latency_ms_sum, r.buckets, r.generator_calls,
-             r.generator_seconds, r.generator_seconds_avoided, r.bytes_stored)
-            for (hour, tier, status), r in sorted(rows.items())]
+def result_params(rows: dict[tuple[datetime, str, str, str], ResultRow]
+                  ) -> list[tuple[Any, ...]]:
+    return [(hour, scope, tier, status, r.requests, r.latency_ms_sum, r.buckets,
+             r.generator_calls, r.generator_seconds, r.generator_seconds_avoided, r.bytes_stored)
+            for (hour, scope, tier, status), r in sorted(rows.items())]
 
 
 def eviction_params(rows: dict[tuple[datetime, str], list[int]]) -> list[tuple[Any, ...]]:
