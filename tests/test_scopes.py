@@ -17,7 +17,7 @@ from promptcache.keys import Keys
 from schemas.events import Result
 from tests.conftest import local_model_settings, make_settings, wait_until
 from tests.helpers import CountingGenerator, results, results_for, send, worker_for
-from tests.test_semantic import semantic_worker
+from tests.test_semantic import answers, semantic_worker
 
 
 async def _answer(redis, keys, rid, prompt, scope=None, **params) -> Result:
@@ -222,3 +222,28 @@ async def test_figures_per_scope_in_stats_metrics_and_the_dashboard(redis, keys,
         assert body["scopes"][0] == "tenant-a" and set(body["scopes"]) == {*sent, ""}
         body = (await web.get("/api/summary?scope=-")).json()
         assert sum(t["requests"] for t in body["database"]["by_tier"].values()) == 1
+
+
+async def test_a_rewrite_never_waits_on_another_scopes_generation_in_flight(
+        tmp_path: Path, redis_url: str, redis: aioredis.Redis, keys: Keys,
+        models_dir: Path) -> None:
+    from tests.test_semantic import _true
+
+    settings = local_model_settings(tmp_path, redis_url, keys, models_dir)
+    gen = CountingGenerator(latency_ms=1500)
+    params = {"width": 512, "height": 512}
+    async with semantic_worker(settings, redis, gen, "w1"), \
+            semantic_worker(settings, redis, gen, "w2"):
+        await send(redis, keys.requests, request_id="a1", prompt="a teapot shaped like a pumpkin",
+                   params=params, scope="tenant-a")
+        await wait_until(lambda: _true(len(gen.calls) == 1), timeout=30)  # a1 is generating
+        rewrite = "a teapot shaped like a pumpkin, please"
+        await send(redis, keys.requests, request_id="b1", prompt=rewrite, params=params,
+                   scope="tenant-b")
+        await send(redis, keys.requests, request_id="a2", prompt=rewrite, params=params,
+                   scope="tenant-a")
+        got = await answers(redis, keys, "a1", "b1", "a2")
+    assert got["a1"].cache == "miss"
+    assert got["b1"].cache == "miss" and got["b1"].entry_id != got["a1"].entry_id
+    assert got["a2"].cache == "semantic" and got["a2"].entry_id == got["a1"].entry_id
+    assert len(gen.calls) == 2  # a1 and b1; a2 waited for a1 in its own scope
