@@ -23,7 +23,8 @@ from promptcache.storage.migrate import apply
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # Keys that are an account rather than a cache and so carry no TTL (the janitor owns them).
 NO_TTL_OK = ("cache:stored-bytes", "cache:entries", "cache:lru", "cache:blob-refs",
-             "metrics:results", "cache:flagged-blobs", "semantic:vectors", "metrics:semantic")
+             "metrics:results", "cache:flagged-blobs", "semantic:vectors", "metrics:semantic",
+             "metrics:quality")
 
 
 @pytest.fixture(scope="session")
