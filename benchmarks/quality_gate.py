@@ -4,7 +4,7 @@ per image beside the generation it guards.
     .venv/bin/python benchmarks/quality_gate.py [--prompts 40] [--repeat 5] [--no-brisque]
 
 Calibration: the gate's statistic (largest per-channel standard deviation of a copy at most
-32 px a side) on real pictures (the procedural generator's output for real prompts at several
+24 px a side) on real pictures (the procedural generator's output for real prompts at several
 sizes, and every photo or render shipped with scikit-image and scikit-learn when installed: the
 `ab` extra brings them) against bad frames (black, flat colours, flat frames with pixel noise up
 to full-range uniform noise, faint ramps, JPEG-compressed flat frames). Cost: `inspect` (full

@@ -102,8 +102,8 @@ class Settings(BaseSettings):
 
     # quality gate on every generated image, before it is cached (promptcache/quality.py)
     quality_gate: bool = True  # off: images are cached unchecked
-    # near-uniform below this largest per-channel standard deviation (0-255) of a 32 px copy
-    quality_min_std: float = Field(4.0, ge=0.0, le=128.0)
+    # near-uniform below this largest per-channel standard deviation (0-255) of a 24 px copy
+    quality_min_std: float = Field(5.0, ge=0.0, le=128.0)
     # BRISQUE (lower is better) above this is rejected; unset: not computed (needs the ab extra)
     quality_brisque_max: float | None = None
 

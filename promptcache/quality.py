@@ -46,8 +46,8 @@ from promptcache.errors import ConfigError, ImageRejected
 log = structlog.get_logger(__name__)
 
 REASONS = ("undecodable", "wrong_size", "uniform", "low_quality")
-SAMPLE_SIDE = 32  # the uniformity statistic's copy: at most this many pixels a side
-DEFAULT_MIN_STD = 4.0  # calibrated: benchmarks/README.md, "Quality gate"
+SAMPLE_SIDE = 24  # the uniformity statistic's copy: at most this many pixels a side
+DEFAULT_MIN_STD = 5.0  # calibrated: benchmarks/README.md, "Quality gate"
 FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
 
 BrisqueScore = Callable[[np.ndarray], float | None]
