@@ -99,8 +99,11 @@ def bad_frames(rng: np.random.Generator) -> dict[str, list[tuple[str, bytes]]]:
         base = rng.integers(30, 220, 3)
         pixels = np.clip(rng.normal(base, sigma, (h, w, 3)), 0, 255).astype(np.uint8)
         sets["noisy flat"].append((f"gaussian sigma {sigma}", png(Image.fromarray(pixels, "RGB"))))
-    sets["noisy flat"].append(("uniform noise 0-255", png(Image.fromarray(
-        rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB"))))
+    for side in (512, 768, 1024):  # full-range noise: the smaller, the less the box averages
+        sets["noisy flat"].append((f"uniform noise 0-255 {side}x{side}", png(Image.fromarray(
+            rng.integers(0, 256, (side, side, 3), dtype=np.uint8), "RGB"))))
+    pixels = np.clip(rng.normal(120, 40, (512, 512, 3)), 0, 255).astype(np.uint8)
+    sets["noisy flat"].append(("gaussian sigma 40 512x512", png(Image.fromarray(pixels, "RGB"))))
     for levels in (2, 4, 8):
         ramp = np.tile(np.linspace(0, levels, w), (h, 1))[..., None].repeat(3, axis=2)
         sets["faint ramp"].append((f"0-{levels} grey levels",
