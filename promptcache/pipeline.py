@@ -255,7 +255,8 @@ class Pipeline:
         return outcomes
 
     async def generate(self, request: Request) -> Outcome:
-        """The slow path. Raises GenerationFailed when the generator cannot make the image.
+        """The slow path. Raises GenerationFailed when the generator cannot make the image, or
+        ImageRejected (one of them) when the image it made fails the quality gate.
 
         Identical misses in this process follow one leader (`_in_flight`); the leader takes the
         cross-worker lock, so one generation serves them all. A follower whose leader stopped
