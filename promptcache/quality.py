@@ -156,7 +156,8 @@ def load_brisque() -> BrisqueScore:
 class RejectionCounter:
     """Rejections by reason: HINCRBY on one hash where the rejection happens (the streams
     Redis, beside the result counters). Each rejected image counts once; a request that is
-    redelivered and generated again counts its new image too."""
+    redelivered and generated again counts its new image too. When the streams Redis cannot
+    take the increment, its error leaves the request pending, like any streams outage."""
 
     redis: aioredis.Redis
     key: str

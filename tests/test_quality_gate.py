@@ -250,3 +250,23 @@ async def test_gate_off_caches_what_the_generator_returns(redis, keys, tmp_path,
     [result] = await results_for(redis, keys.results, "off1")
     assert result.status == "ok" and result.cache == "miss"
     assert await redis.hgetall(keys.metrics_quality) == {}
+
+
+async def test_brisque_limit_from_the_settings_rejects_through_the_worker(
+        redis, keys, tmp_path, redis_url):
+    """PROMPTCACHE_QUALITY_BRISQUE_MAX reaches the worker's gate: under a limit no picture
+    meets, a real picture fails as `low_quality`; under a generous one it is cached."""
+    strict = make_settings(tmp_path, redis_url, keys, quality_brisque_max=-1000.0)
+    gen = CraftedGenerator({})
+    await send(redis, keys.requests, request_id="b1", prompt="a fox in a field", params=SIZE)
+    await worker_for(strict, redis, gen).run(burst=True)
+    [rejected] = await results_for(redis, keys.results, "b1")
+    assert rejected.status == "failed" and rejected.error is not None
+    assert rejected.error.message.startswith("low_quality: BRISQUE "), rejected.error
+    assert await redis.hgetall(keys.metrics_quality) == {b"low_quality": b"1"}
+
+    lenient = make_settings(tmp_path, redis_url, keys, quality_brisque_max=1000.0)
+    await send(redis, keys.requests, request_id="b2", prompt="a fox in a field", params=SIZE)
+    await worker_for(lenient, redis, gen).run(burst=True)
+    [cached] = await results_for(redis, keys.results, "b2")
+    assert cached.status == "ok" and cached.cache == "miss"  # the rejected one left nothing
