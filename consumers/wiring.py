@@ -26,6 +26,7 @@ from promptcache.optimizer import PolicySettings
 from promptcache.keys import Keys
 from consumers.persister import Persister
 from promptcache.pipeline import Pipeline
+from promptcache.quality import GatePolicy, QualityGate, RejectionCounter
 from promptcache.semantic.embeddings import CachedEmbedder, build_embedder
 from promptcache.semantic.index import VectorIndex
 from promptcache.flight.similar import SimilarFlights
@@ -159,6 +160,16 @@ def pipeline_guards(settings: Settings, redis: aioredis.Redis, keys: Keys, blobs
 # --- end of issue 14 wiring -------------------------------------------------------------------
 
 
+def quality_gate(settings: Settings, redis: aioredis.Redis, keys: Keys) -> QualityGate | None:
+    """The quality gate (None: PROMPTCACHE_QUALITY_GATE=off), counting rejections by reason
+    in the streams Redis beside the result counters."""
+    if not settings.quality_gate:
+        return None
+    return QualityGate(GatePolicy(min_std=settings.quality_min_std,
+                                  brisque_max=settings.quality_brisque_max),
+                       counter=RejectionCounter(redis, keys.metrics_quality))
+
+
 def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aioredis.Redis | None,
                  generator: Generator, consumer: str | None = None,
                  semantic: SemanticTier | None = None) -> Worker:
@@ -182,6 +193,7 @@ def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aior
                             cache_redis, keys, semantic,
                             max_wait_s=settings.generator_timeout.total_seconds())
                         if cache_redis and semantic else None,
+                        quality=quality_gate(settings, redis, keys),
                         **pipeline_guards(settings, redis, keys, blobs, entries))
     return Worker(redis=redis, keys=keys, pipeline=pipeline, consumer=consumer,
                   batch_size=settings.batch_size, max_in_flight=settings.max_in_flight,

@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 
 from promptcache.keys import Keys
 from promptcache.latency import LATENCY_BUCKETS_MS
+from promptcache.quality import REASONS
 
 TIERS_AND_STATUSES = ("exact", "semantic", "coalesced", "miss", "bypass", "rejected", "failed")
 
@@ -61,6 +62,15 @@ class RedisCollector(Collector):
                 buckets.append(("+Inf" if bound == float("inf") else str(bound / 1000), running))
             latency.add_metric([tier], buckets, sum_value=raw.get("sum", 0.0) / 1000)
         yield latency
+
+        rejected = CounterMetricFamily("promptcache_images_rejected", "Generated images the "
+                                       "quality gate rejected (never cached), by reason",
+                                       labels=["reason"])
+        counts = {k.decode(): float(v)
+                  for k, v in self.client.hgetall(self.keys.metrics_quality).items()}
+        for reason in sorted(set(REASONS) | set(counts)):
+            rejected.add_metric([reason], counts.get(reason, 0.0))
+        yield rejected
 
         stored = GaugeMetricFamily("promptcache_stored_bytes", "Bytes of images and thumbnails")
         stored.add_metric([], float(self.cache.get(self.keys.stored_bytes) or 0))

@@ -31,8 +31,9 @@ def _name(raw: bytes | str) -> str:
 
 async def stream_stats(redis: aioredis.Redis, keys: Keys,
                        cache: aioredis.Redis | None = None) -> dict[str, Any]:
-    """Stream lengths, group lag and pending, worker health reports; entries and bytes from
-    the cache store (`cache`, default: the same server)."""
+    """Stream lengths, group lag and pending, worker health reports, images the quality gate
+    rejected by reason; entries and bytes from the cache store (`cache`, default: the same
+    server)."""
     out: dict[str, Any] = {"streams": {}, "workers": []}
     for stream, groups in ((keys.requests, [REQUESTS_GROUP]), (keys.generate, [GENERATE_GROUP]),
                            (keys.results, []),
@@ -57,6 +58,8 @@ async def stream_stats(redis: aioredis.Redis, keys: Keys,
     out["stored_bytes"] = int(stored) if stored else 0
     out["entries"] = int(await cache.zcard(keys.lru))
     out["semantic"] = await semantic_stats(cache, keys)
+    out["images_rejected"] = {_name(k): int(v)
+                              for k, v in (await redis.hgetall(keys.metrics_quality)).items()}
     return out
 
 
@@ -211,6 +214,10 @@ def render_stats(streams: dict[str, Any], db: dict[str, Any] | None) -> str:
     if not streams["workers"]:
         lines.append("  none reporting")
     lines.append(f"cache: {streams['entries']:,} entries, {streams['stored_bytes']:,} bytes stored")
+    rejected = streams.get("images_rejected") or {}
+    lines.append("quality gate rejected: " + (", ".join(
+        f"{reason} {n:,}" for reason, n in sorted(rejected.items(), key=lambda kv: -kv[1]))
+        if rejected else "none"))
     if semantic := streams.get("semantic"):
         lines.append(f"semantic tier: {semantic['vectors']:,} vectors shared")
         for index in semantic["indexes"]:

@@ -109,6 +109,13 @@ class Settings(BaseSettings):
     semantic_top_k: int = Field(5, ge=1, le=100)
     semantic_max_entries: int = Field(200_000, ge=0)  # per worker's in-memory index
 
+    # quality gate on every generated image, before it is cached (promptcache/quality.py)
+    quality_gate: bool = True  # off: images are cached unchecked
+    # near-uniform below this largest per-channel standard deviation (0-255) of a 24 px copy
+    quality_min_std: float = Field(5.0, ge=0.0, le=128.0)
+    # BRISQUE (lower is better) above this is rejected; unset: not computed (needs the ab extra)
+    quality_brisque_max: float | None = None
+
     # janitor
     janitor_interval: Duration = timedelta(seconds=30)
     janitor_lock_ttl: Duration = timedelta(seconds=60)

@@ -6,6 +6,7 @@
     - GenerationRejected  the generator said no for good (400, moderation)
     - GeneratorTimeout, GeneratorUnavailable (after the adapter's own retries)
     - ImageTooLarge       the image alone is larger than the storage cap
+    - ImageRejected       the image failed the quality gate (promptcache/quality.py)
   + CacheUnavailable      the cache store is down or slow    -> bypass the cache, still answer
 Anything else (a bug, a full disk, the streams Redis gone mid-request) leaves the message pending:
 it is redelivered after `claim_idle` and, past `max_deliveries`, dead-lettered with a `failed`
@@ -52,6 +53,17 @@ class ImageTooLarge(GenerationFailed):
     """The image (with its thumbnail) is larger than the whole storage cap: never written."""
 
     code = "image_larger_than_storage_limit"
+
+
+class ImageRejected(GenerationFailed):
+    """The generated image failed the quality gate: never cached, never written. `reason` is
+    one of promptcache.quality.REASONS; the message starts with it."""
+
+    code = "image_rejected"
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
 
 
 class CacheUnavailable(PipelineError):

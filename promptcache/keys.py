@@ -74,6 +74,11 @@ class Keys:
     def metrics_latency(self, tier: str) -> str:
         return f"{self.prefix}:metrics:latency:{tier}"
 
+    @property
+    def metrics_quality(self) -> str:
+        """hash reason -> generated images the quality gate rejected (promptcache/quality.py)."""
+        return f"{self.prefix}:metrics:quality"
+
     # the entry registry (cache Redis): durable indexes, so no TTL
     @property
     def entries(self) -> str:

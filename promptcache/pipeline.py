@@ -1,5 +1,5 @@
 """One request, start to finish: prepare (optimise, canonicalise, key) -> exact tier ->
-semantic tier -> generate -> store -> outcome.
+semantic tier -> generate -> quality gate -> store -> outcome.
 
 The worker runs it in two stages on two streams: `promptcache:requests` (every request:
 `prepare`, `lookup_many` for a whole batch, `similar` for the exact misses) and
@@ -29,6 +29,7 @@ from promptcache.errors import CacheUnavailable, GenerationFailed, ImageTooLarge
 from promptcache.generators.base import GenerationRequest, Generator
 from promptcache.optimizer import PolicySettings, optimize
 from promptcache.prompts import NormalizedParams, cache_key, normalize_params
+from promptcache.quality import QualityGate
 from promptcache.flight.similar import SimilarFlights
 from promptcache.semantic.tier import SemanticTier
 from promptcache.signing import UrlSigner
@@ -109,12 +110,16 @@ class Pipeline:
                  semantic: SemanticTier | None = None,
                  similar_flights: SimilarFlights | None = None,
                  publish_changes: PublishChanges | None = None,
-                 bypass: BypassImages | None = None) -> None:
+                 bypass: BypassImages | None = None,
+                 quality: QualityGate | None = None) -> None:
         """`publish_changes`: writes change events to the change stream at once (evictions are
         published when they happen, not with the answer, which may never come). Without it they
         travel with the outcome. `bypass`: where images written without a registration are
-        kept until deleted (default: BYPASS_KEEP_S, BYPASS_SHARE of the cap)."""
+        kept until deleted (default: BYPASS_KEEP_S, BYPASS_SHARE of the cap). `quality`: the
+        gate every generated image passes before it is registered or written (the wiring
+        passes None only for PROMPTCACHE_QUALITY_GATE=off)."""
         self.generator = generator
+        self.quality = quality
         self.policy = policy or PolicySettings()
         self.exact = exact
         self.registry = registry
@@ -259,7 +264,8 @@ class Pipeline:
         return outcomes
 
     async def generate(self, request: Request) -> Outcome:
-        """The slow path. Raises GenerationFailed when the generator cannot make the image.
+        """The slow path. Raises GenerationFailed when the generator cannot make the image, or
+        ImageRejected (one of them) when the image it made fails the quality gate.
 
         Identical misses in this process follow one leader (`_in_flight`); the leader takes the
         cross-worker lock, so one generation serves them all. A follower whose leader stopped
@@ -370,6 +376,10 @@ class Pipeline:
         image = await self.generator.generate(GenerationRequest(
             prompt=prompt_used, negative_prompt=negative, params=params))
         generation_ms = (time.monotonic() - started) * 1000
+        if self.quality is not None:  # raises ImageRejected: nothing registered or written
+            await self.quality.check(image.data, image.content_type,
+                                     expected=self._expected_size(params),
+                                     reported=(image.width, image.height))
         thumbnail = await asyncio.to_thread(make_thumbnail, image.data, self.thumbnail_size)
         blob = self.blobs.describe(image.data, image.content_type, thumbnail)
         if self.exact is not None and await self.exact.is_flagged(blob.sha256):
@@ -430,6 +440,16 @@ class Pipeline:
                         content_type=image.content_type, prompt_used=prompt_used,
                         dropped=list(prepared.dropped) or None, optimizer_version=version)
         return Outcome(result, [*changes, stored]), entry
+
+    def _expected_size(self, params: NormalizedParams) -> tuple[int, int]:
+        """The size the backend documents for these params: the size asked for, except on
+        OpenAI, which maps every request to its supported size nearest in aspect ratio."""
+        if self.generator.name == "openai":
+            from promptcache.generators.openai_images import nearest_size  # the SDK: lazily
+
+            width, _, height = nearest_size(params.width, params.height).partition("x")
+            return int(width), int(height)
+        return params.width, params.height
 
     async def _register(self, entry: CacheEntry, key: str, blob: StoredBlob,
                         changes: list[ChangeEvent], *, scope: str | None = None) -> bool:

@@ -22,8 +22,9 @@ from promptcache.storage.migrate import apply
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # Keys that are an account rather than a cache and so carry no TTL (the janitor owns them).
-NO_TTL_OK = ("cache:stored-bytes", "cache:scope-bytes", "cache:entries", "cache:lru", "cache:blob-refs",
-             "metrics:results", "metrics:results-by-scope", "cache:flagged-blobs", "semantic:vectors", "metrics:semantic")
+NO_TTL_OK = ("cache:stored-bytes", "cache:scope-bytes", "cache:entries", "cache:lru",
+             "cache:blob-refs", "metrics:results", "metrics:results-by-scope",
+             "cache:flagged-blobs", "semantic:vectors", "metrics:semantic", "metrics:quality")
 
 
 @pytest.fixture(scope="session")

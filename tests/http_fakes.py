@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
 from PIL import Image
 
 
@@ -33,6 +34,16 @@ def png_bytes(width: int = 64, height: int = 48, color: tuple[int, int, int] = (
 
 def png_b64(width: int = 64, height: int = 48) -> str:
     return base64.b64encode(png_bytes(width, height)).decode()
+
+
+def picture_b64(width: int, height: int) -> str:
+    """A PNG that passes the quality gate (not a flat frame): two crossed colour ramps."""
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :].repeat(height, axis=0)
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None].repeat(width, axis=1)
+    pixels = np.stack([x, y, 255 - x], axis=-1).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
 
 
 @dataclass

@@ -42,7 +42,7 @@ from tests.helpers import (
     workers,
     workers_idle,
 )
-from tests.http_fakes import FakeServer, Recorded, Reply, png_b64
+from tests.http_fakes import FakeServer, Recorded, Reply, picture_b64
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -188,9 +188,8 @@ def _flaky_a1111(seed: int) -> Callable[[Recorded], Reply]:
     time each for the first calls, then mostly recovers."""
     rng = random.Random(seed)
     lock = threading.Lock()
-    ok = Reply(json={"images": [png_b64()], "parameters": {}, "info": '{"seed": 1}'})
 
-    def respond(_: Recorded) -> Reply:
+    def respond(request: Recorded) -> Reply:
         with lock:
             roll = rng.random()
         if roll < 0.2:
@@ -199,7 +198,9 @@ def _flaky_a1111(seed: int) -> Callable[[Recorded], Reply]:
             return Reply(500, json={"error": "CUDA out of memory"})
         if roll < 0.5:
             return Reply(delay=3.0, json={})  # past the generator timeout
-        return ok
+        body = request.json()  # the size asked for: the quality gate checks it
+        return Reply(json={"images": [picture_b64(body["width"], body["height"])],
+                           "parameters": {}, "info": '{"seed": 1}'})
 
     return respond
 

@@ -15,9 +15,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import structlog
-from brisque import BRISQUE
 from brisque.models import MODEL_PATH
 from PIL import Image
+
+from promptcache.quality import load_brisque
 
 log = structlog.get_logger(__name__)
 
@@ -36,17 +37,6 @@ class Scorer(Protocol):
         ...
 
 
-class _Brisque(BRISQUE):  # type: ignore[misc]
-    """brisque 0.2.0 with its feature scaling fixed for NumPy >= 2: some of its 36 features come
-    out as 1-element arrays, and `float()` of those raises (NumPy 2.4) or warns (earlier)."""
-
-    def scale_features(self, features: Any) -> np.ndarray:
-        flat = np.array([np.ravel(np.asarray(f, dtype=np.float64))[0] for f in features])
-        low = np.asarray(self.scale_params["min_"], dtype=np.float64)
-        high = np.asarray(self.scale_params["max_"], dtype=np.float64)
-        return -1 + 2.0 / (high - low) * (flat - low)
-
-
 class BrisqueScorer:
     name = "brisque"
     label = "BRISQUE"
@@ -54,13 +44,10 @@ class BrisqueScorer:
 
     def __init__(self) -> None:
         self.model_dir = Path(MODEL_PATH)
-        self._model = _Brisque(url=False)  # url=False: arrays in, no HTTP
+        self._score = load_brisque()  # the quality gate's BRISQUE: one copy of its NumPy fix
 
     def score(self, image: Image.Image, prompt: str) -> float | None:
-        rgb = np.asarray(image.convert("RGB"))
-        with np.errstate(all="ignore"):  # a flat image divides 0 by 0: no score, not a warning
-            value = float(self._model.score(rgb))
-        return value if math.isfinite(value) else None
+        return self._score(np.asarray(image.convert("RGB")))
 
 
 @dataclass
