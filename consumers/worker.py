@@ -280,8 +280,11 @@ class Worker:
             outcome = _answer_with_error(request, "rejected", exc)
         except GenerationFailed as exc:
             outcome = _answer_with_error(request, "failed", exc)
-        await self._publish(source, [_Answer(delivery.message_id, job.origin_id,
-                                             request.reply_to, outcome, request.scope)])
+        answer = _Answer(delivery.message_id, job.origin_id, request.reply_to, outcome,
+                         request.scope)
+        # retried: a generation's answer must not wait for a redelivery (and its entry_stored
+        # would be lost with it); publishing is exactly-once, so a retry is safe
+        await self._retrying(lambda: self._publish(source, [answer]))
         log.info("result_published", request_id=request.request_id,
                  status=outcome.result.status, cache=outcome.result.cache)
 

@@ -101,12 +101,13 @@ class RedisCollector(Collector):
         yield pending
 
     def _by_scope(self) -> Metric:
-        """Results of scoped requests, labelled by scope: the `top_scopes` busiest scopes by
-        name, the rest summed as "other", so the label's cardinality stays bounded however many
-        tenants there are. (Requests without a scope are in promptcache_results only.)"""
+        """Results of scoped requests, labelled by scope: at most `top_scopes` scopes by name
+        (the busiest when a slot was free; sticky), the rest summed as "other", so the label's
+        cardinality stays bounded however many tenants there are. (Requests without a scope
+        are in promptcache_results only.)"""
         family = CounterMetricFamily(
             "promptcache_scope_results", "Results published for requests with a scope, by "
-            f"scope (the {self.top_scopes} busiest; the rest as \"other\"), tier and status",
+            f"scope (at most {self.top_scopes} by name; the rest as \"other\"), tier and status",
             labels=["scope", "cache", "status"])
         counts: dict[tuple[str, str, str], float] = {}
         for raw, value in self.client.hgetall(self.keys.metrics_scopes).items():
@@ -115,7 +116,17 @@ class RedisCollector(Collector):
         totals: dict[str, float] = {}
         for (scope, _, _), value in counts.items():
             totals[scope] = totals.get(scope, 0.0) + value
-        top = set(sorted(totals, key=lambda s: (-totals[s], s))[:self.top_scopes])
+        # which scopes are named is sticky (a Redis set that only grows, to `top_scopes`): a
+        # named scope's series, and "other", never go down because the ranking changed; the
+        # only decreases of "other" are the at most `top_scopes` promotions
+        named_key = f"{self.keys.metrics_scopes}:named"
+        top = {m.decode() for m in self.client.smembers(named_key)}
+        room = self.top_scopes - len(top)
+        if room > 0:
+            busiest = [s for s in sorted(totals, key=lambda s: (-totals[s], s)) if s not in top]
+            if busiest[:room]:
+                self.client.sadd(named_key, *busiest[:room])
+                top |= set(busiest[:room])
         merged: dict[tuple[str, str, str], float] = {}
         for (scope, tier, status), value in counts.items():
             label = (scope if scope in top else "other", tier, status)

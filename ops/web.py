@@ -189,6 +189,10 @@ def build_app(*, blobs: BlobStore, redis: aioredis.Redis | None, keys: Keys,
         return JSONResponse(json.loads(json.dumps(out, default=str)), headers=_NO_STORE)
 
     async def recent_api(request: Request) -> Response:
+        # with signed image URLs, the latest results (and fresh links to their images) are for
+        # the operator only: the admin token
+        if signer is not None and (refused := _refused(request)) is not None:
+            return refused
         if redis is None:
             return _error(503, "unavailable", "REDIS_URL is not configured")
         try:

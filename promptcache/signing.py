@@ -68,9 +68,10 @@ class UrlSigner:
         except ValueError:
             return Verdict.INVALID
         now = time.time() if now is None else now
+        given = sig.encode("utf-8", "surrogateescape")  # bytes: any input compares, never raises
         matched = False
         for key in self._keys(now):  # every key compared: no early exit on a match
-            matched |= hmac.compare_digest(_mac(key, path, expires), sig)
+            matched |= hmac.compare_digest(_mac(key, path, expires).encode(), given)
         if not matched:
             return Verdict.INVALID
         return Verdict.OK if expires >= now else Verdict.EXPIRED

@@ -146,14 +146,17 @@ class Source:
 # ("r" a result, "h" a hand-off to another stream, "a" acknowledge only), data, fallback result
 # ("" for none), answer JSON ("" for none), counter field, histogram bucket, latency in ms, the
 # per-scope counter field ("" for none); then
-# the number of further entries, and those entries' data; their streams are the KEYS after the
-# rows'. Further entries (change events, a dead letter) are written whatever the rows decide.
+# the number of change events, the number of other further entries (a dead letter), and their
+# data; their streams are the KEYS after the rows'. Change events are written only when a row
+# was published (or the batch has no rows): they belong to its answers, and a repeated call must
+# not write them twice. Other further entries are written whatever the rows decide.
 # A result is published, and its request marked done, only when the marker is absent: however
 # often a request is delivered, and to however many workers at once, one result carries its id.
 _PUBLISH_BATCH = """
 local group, ttl, head, stage = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1'
 local n = tonumber(ARGV[5])
-local acks, answers, counts, sums, flags = {}, {}, {}, {}, {}
+local answers, counts, sums, flags = {}, {}, {}, {}
+local any = false
 local staged_at = redis.call('TIME')[1]
 local scounts = {}
 local a = 6
@@ -164,12 +167,17 @@ for i = 1, n do
   local answer, field, bucket, latency = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
   local sfield = ARGV[a + 8]
   a = a + 9
-  acks[#acks + 1] = mid
   flags[i] = 0
+  -- acknowledged row by row: a hand-off happens only with the ack that took the entry out of
+  -- the pending list, so a repeated call (a retry after a timeout, a lapsed lease) hands off once
+  local acked = redis.call('XACK', KEYS[1], group, mid)
   if kind ~= 'a' and redis.call('EXISTS', done) == 0 then
     if kind == 'h' then
-      redis.call('XADD', target, '*', 'data', data)
-      flags[i] = 1
+      if acked == 1 then
+        redis.call('XADD', target, '*', 'data', data)
+        flags[i] = 1
+        any = true
+      end
     else
       if stage then
         redis.call('HSET', KEYS[5], done, cjson.encode({target, data, fallback, staged_at}))
@@ -183,6 +191,7 @@ for i = 1, n do
         end
       end
       if flags[i] == 0 then flags[i] = 1 end
+      any = true
       redis.call('SET', done, mid, 'PX', ttl)
       if answer ~= '' then answers[#answers + 1] = answer end
       if sfield ~= '' then scounts[sfield] = (scounts[sfield] or 0) + 1 end
@@ -196,7 +205,6 @@ for i = 1, n do
     end
   end
 end
-if #acks > 0 then redis.call('XACK', KEYS[1], group, unpack(acks)) end
 for field, c in pairs(counts) do redis.call('HINCRBYFLOAT', KEYS[4], field, c) end
 for field, c in pairs(scounts) do redis.call('HINCRBYFLOAT', KEYS[6], field, c) end
 for hist, h in pairs(sums) do
@@ -206,8 +214,14 @@ end
 if #answers > 0 then
   redis.call('XADD', KEYS[2], '*', 'data', head .. table.concat(answers, ',') .. ']}')
 end
-local m = tonumber(ARGV[a])
-for j = 1, m do redis.call('XADD', KEYS[6 + n * 3 + j], '*', 'data', ARGV[a + j]) end
+-- change events belong to the rows: written when a row was published (or there are none), so a
+-- repeated call does not write them twice; further entries (a dead letter) always
+local mc, me = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+for j = 1, mc + me do
+  if j > mc or n == 0 or any then
+    redis.call('XADD', KEYS[6 + n * 3 + j], '*', 'data', ARGV[a + 1 + j])
+  end
+end
 return flags
 """
 
@@ -222,21 +236,22 @@ for i, field in ipairs(ARGV) do
   flags[i] = 0
   local staged = redis.call('HGET', KEYS[1], field)
   if staged then
-    redis.call('HDEL', KEYS[1], field)
     local row = cjson.decode(staged)
     local ok = redis.pcall('XADD', row[1], '*', 'data', row[2])
     flags[i] = 1
     if type(ok) == 'table' and ok.err then
-      if row[3] == '' then return redis.error_reply(ok.err) end
+      if row[3] == '' then return redis.error_reply(ok.err) end  -- kept staged: nothing lost
       redis.call('XADD', KEYS[2], '*', 'data', row[3])
       flags[i] = 2
     end
+    redis.call('HDEL', KEYS[1], field)  -- only once it is published
   end
 end
 return flags
 """
 
-WAITAOF_TIMEOUT_MS = 5000  # durable mode: how long a batch may wait for its fsync
+WAITAOF_TIMEOUT_MS = 3000  # durable mode: how long a batch may wait for its fsync (under the
+# clients' 5 s socket timeout, so a slow fsync is an answer, not a dropped connection)
 PUBLISHED, TO_FALLBACK = 1, 2  # what publish_batch says of a row; 0: not published (answered)
 
 
@@ -309,19 +324,24 @@ class Publisher:
                      row.bucket, row.latency_ms, row.scope_counter]
         further = [*((self.changes_stream, c) for c in changes), *extra]
         keys += [stream for stream, _ in further]
-        args.append(len(further))
+        args += [len(changes), len(extra)]
         args += [data for _, data in further]
         if not self.durable:
             return [int(f) for f in await self._script(keys=keys, args=args)]
         async with self.redis.pipeline(transaction=False) as pipe:
             await self._script(keys=keys, args=args, client=pipe)
+            # a write of our own after the script: WAITAOF covers this connection's writes, and
+            # the file is sequential, so this also covers rows an earlier attempt (on another
+            # connection, say before a timeout) staged and did not get to publish
+            pipe.set(f"{self.outbox}:tick", time.time(), px=60_000)
             pipe.execute_command("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS)
-            flags, synced = await pipe.execute()
+            flags, _, synced = await pipe.execute()
         if not synced or int(synced[0]) < 1:
             raise DurabilityError("the streams server did not confirm the batch in its "
-                                  "append-only file (is appendonly on?)")
-        staged = [(i, row.done_key) for i, (row, f) in enumerate(zip(rows, flags, strict=True))
-                  if f and row.kind == "r"]
+                                  "append-only file within "
+                                  f"{WAITAOF_TIMEOUT_MS} ms (is appendonly on?)")
+        # every result row: those staged now, and any an earlier attempt staged (0 if none)
+        staged = [(i, row.done_key) for i, row in enumerate(rows) if row.kind == "r"]
         flags = [int(f) for f in flags]
         if staged:
             published = await self._flush(keys=[self.outbox, self.results_stream],

@@ -24,7 +24,8 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # Keys that are an account rather than a cache and so carry no TTL (the janitor owns them).
 NO_TTL_OK = ("cache:stored-bytes", "cache:scope-bytes", "cache:entries", "cache:lru",
              "cache:blob-refs", "metrics:results", "metrics:results-by-scope",
-             "cache:flagged-blobs", "semantic:vectors", "metrics:semantic", "metrics:quality")
+             "cache:flagged-blobs", "semantic:vectors", "metrics:semantic", "metrics:quality",
+             "metrics:results-by-scope:named")
 
 
 @pytest.fixture(scope="session")

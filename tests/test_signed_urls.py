@@ -110,11 +110,21 @@ async def test_the_dashboard_signs_its_own_image_links(redis, keys, tmp_path, re
     await send(redis, keys.requests, request_id="d1", prompt="a tram at night")
     await worker_for(settings, redis, CountingGenerator()).run(burst=True)
     app = build_app(blobs=blob_store(settings), redis=redis, keys=keys,
-                    signer=settings.url_signer())
+                    signer=settings.url_signer(), admin_token="operator-token")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                  base_url="http://web") as client:
-        [row] = (await client.get("/api/recent")).json()["results"]
+        # fresh signed links to the latest images are for the operator only
+        assert (await client.get("/api/recent")).status_code == 401
+        [row] = (await client.get("/api/recent", headers={
+            "Authorization": "Bearer operator-token"})).json()["results"]
         assert "sig=" in row["thumbnail"] and "sig=" in row["image"]
         assert (await client.get(row["thumbnail"])).status_code == 200
         assert (await client.get(row["image"])).status_code == 200
         assert (await client.get(row["thumbnail"].split("?")[0])).status_code == 403
+
+
+def test_a_signature_with_any_characters_is_refused_not_an_error():
+    signer = UrlSigner(KEY, ttl_s=60)
+    exp = str(int(time.time()) + 60)
+    for sig in ("é", "\udcff", "", "A" * 1000):
+        assert signer.verify("/images/x.png", exp, sig) in (Verdict.INVALID, Verdict.MISSING)

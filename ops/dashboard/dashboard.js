@@ -42,7 +42,10 @@ function duration(s) {
 const color = (tier) => `var(--${TIERS.includes(tier) ? tier : "bypass"})`;
 
 async function getJSON(url) {
-  const response = await fetch(url, { cache: "no-store" });
+  // the admin token, when one is entered: with signed image URLs the recent results need it
+  const token = $("token").value.trim();
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  const response = await fetch(url, { cache: "no-store", headers });
   if (!response.ok) throw new Error(`${url}: ${response.status}`);
   return response.json();
 }
@@ -226,7 +229,15 @@ function tile(r) {
 }
 
 async function refreshRecent(force = false) {
-  const data = await getJSON("/api/recent?count=48");
+  let data;
+  try {
+    data = await getJSON("/api/recent?count=48");
+  } catch (err) {
+    // 403: image URLs are signed and the recent results need the admin token
+    $("grid").replaceChildren(el("div", { class: "sub" },
+      "recent results: enter the admin token below to see them (image URLs are signed)"));
+    return;
+  }
   const grid = $("grid");
   // do not pull a half-filled flag form from under the operator
   if (!force && grid.querySelector(".tile .confirm")) return;

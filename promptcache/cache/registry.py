@@ -262,6 +262,8 @@ class EntryRegistry:
             mine = [entry_id for entry_id, raw in zip(oldest, raws, strict=True)
                     if raw is not None and entry_id != keep
                     and Registered.from_json(entry_id, raw).scope == scope]
+            if not mine and start + batch >= await self.redis.zcard(self.keys.lru):
+                break  # a whole pass found nothing more of the scope's to evict
             evicted_here = 0
             for entry_id in mine:
                 if await self.scope_stored(scope) <= limit_bytes:
