@@ -493,3 +493,30 @@ async def test_durable_mode_without_an_append_only_file_is_a_clear_config_error(
             await worker_for(durable, redis, CountingGenerator()).run(burst=True)
     finally:
         await redis.config_set("appendonly", "yes")
+
+
+async def test_a_repeated_publish_hands_off_once_and_writes_its_change_events_once(redis, keys):
+    """A publish retried after a timeout (the script had run): no second hand-off, no second
+    copy of the rows' change events, no second result."""
+    from datetime import timedelta
+
+    from promptcache.streams import Outgoing, Publisher, Source
+
+    await ensure_group(redis, keys.requests, REQUESTS_GROUP)
+    for i in range(2):
+        await send(redis, keys.requests, request_id=f"h{i}", prompt="x")
+    read = await redis.xreadgroup(REQUESTS_GROUP, "w", {keys.requests: ">"}, count=10)
+    first, second = [m.decode() for m, _ in read[0][1]]
+    publisher = Publisher(redis, dead_letter_stream=keys.dead_letter, changes_stream=keys.changes,
+                          results_stream=keys.results, metrics_results=keys.metrics_results,
+                          done_ttl=timedelta(hours=1), outbox=keys.outbox,
+                          metrics_scopes=keys.metrics_scopes)
+    rows = [Outgoing(first, keys.done("h0"), keys.generate, '{"job": 0}', kind="h"),
+            Outgoing(second, keys.done("h1"), keys.results, '{"request_id": "h1"}')]
+    source = Source(keys.requests, REQUESTS_GROUP)
+    assert await publisher.publish(source, rows, changes=['{"type": "x"}']) == [1, 1]
+    assert await publisher.publish(source, rows, changes=['{"type": "x"}']) == [0, 0]
+    assert await redis.xlen(keys.generate) == 1
+    assert await redis.xlen(keys.results) == 1
+    assert await redis.xlen(keys.changes) == 1
+    assert (await redis.xpending(keys.requests, REQUESTS_GROUP))["pending"] == 0
