@@ -482,8 +482,10 @@ def verify(a: str, b: str) -> Verdict:
                             and (rcb[x] == 0 or rca[y] == 0) and _is_typo(x, y)]
                 if len(partners) == 1:
                     y = partners[0]
-                    if lx.known_word(_base(y)) and not lx.known_word(_base(x)):
-                        fix_a[x] = y  # the typo is a's: spell it as b does
+                    # rename on a side that lacks the other's word, the typo's side if both do
+                    if rcb[x] == 0 and (rca[y] != 0 or (
+                            lx.known_word(_base(y)) and not lx.known_word(_base(x)))):
+                        fix_a[x] = y  # a's typo, spelled as b does
                     else:
                         fix_b[y] = x
                     del only_a[x], only_b[y]
