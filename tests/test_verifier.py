@@ -301,6 +301,7 @@ def test_request_core_spells_unknown_words_for_the_embedding() -> None:
     assert request_core("a pig in a froest") == "a pig in a forest"
     assert request_core("please draw datrh maul") == "darth maul"
     assert request_core("four shipps") == "four ships"
+    assert request_core("a computer behind a tble") == "a computer behind a table"  # not "able"
     assert request_core("a cat by greg rutkowski, artstation") == \
         "a cat by greg rutkowski, artstation"
     assert request_core('a sign that says "Helo wrld"') == 'a sign that says "Helo wrld"'

@@ -39,7 +39,7 @@ from itertools import chain
 
 from promptcache.semantic import lexicon as lx
 from promptcache.semantic import structure as st
-from promptcache.semantic.spelling import corrected, frequency
+from promptcache.semantic.spelling import corrected, frequency, slip
 
 # Refusal reasons, most telling first ("preposition" ranks a lone in/on/at change last and is
 # reported as "spatial").
@@ -279,43 +279,10 @@ def _is_typo(x: str, y: str) -> bool:
                     return True
                 continue
             if min(len(vx), len(vy)) >= 4 and (
-                    (vx[0] == vy[0] and lx.edit_distance(vx, vy, 1) <= 1 and _slip(vx, vy))
+                    (vx[0] == vy[0] and lx.edit_distance(vx, vy, 1) <= 1 and slip(vx, vy))
                     or (vx[:2] == vy[1::-1] and vx[2:] == vy[2:])):
                 return not (lx.known_word(vx) and lx.known_word(vy))
     return False
-
-
-_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
-_KEY = {c: (r, i) for r, row in enumerate(_ROWS) for i, c in enumerate(row)}
-_VOWELS = frozenset("aeiouy")
-
-
-def _adjacent_keys(x: str, y: str) -> bool:
-    """Neighbouring keys on a QWERTY keyboard ("s" touches "w", "e", "a", "d", "z", "x")."""
-    if x not in _KEY or y not in _KEY:
-        return False
-    (rx, cx), (ry, cy) = _KEY[x], _KEY[y]
-    if rx == ry:
-        return abs(cx - cy) == 1
-    if ry == rx - 1:  # y in the row above: the keys up-left and up-right of x
-        return cy in (cx, cx + 1)
-    if ry == rx + 1:
-        return cy in (cx - 1, cx)
-    return False
-
-
-def _slip(x: str, y: str) -> bool:
-    """A one-edit difference a finger makes: a letter dropped, doubled or added, two letters
-    swapped, or one replaced by a neighbouring key ("tunbling"/"tumbling") or, in a word of six
-    letters or more, a vowel by another ("rutkowsky"/"rutkowski"); not any letter by any other:
-    "witcher"/"witches" or "pepe"/"pope" are no slips, whatever the dictionary knows."""
-    if len(x) != len(y):
-        return True
-    diff = [i for i in range(len(x)) if x[i] != y[i]]
-    if len(diff) != 1:
-        return True
-    cx, cy = x[diff[0]], y[diff[0]]
-    return _adjacent_keys(cx, cy) or (cx in _VOWELS and cy in _VOWELS and len(x) >= 6)
 
 
 def category(tok: str, segment: tuple[str, ...] = ()) -> str:
