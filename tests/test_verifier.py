@@ -305,3 +305,15 @@ def test_request_core_spells_unknown_words_for_the_embedding() -> None:
     assert request_core("a cat by greg rutkowski, artstation") == \
         "a cat by greg rutkowski, artstation"
     assert request_core('a sign that says "Helo wrld"') == 'a sign that says "Helo wrld"'
+
+
+def test_without_spelling_dictionary_nothing_is_respelled(monkeypatch: pytest.MonkeyPatch) -> None:
+    from promptcache.semantic import spelling
+    spelling.correct_word.cache_clear()
+    monkeypatch.setattr(lexicon, "_DICT", {})
+    try:
+        assert request_core("a pig in a froest") == "a pig in a froest"
+    finally:
+        spelling.correct_word.cache_clear()
+    monkeypatch.setattr(lexicon, "_DICT", None)
+    assert request_core("a pig in a froest") == "a pig in a forest"
