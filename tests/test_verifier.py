@@ -236,6 +236,7 @@ TYPOS = [
     ("four swans and two suitcases", "foru swans and two suitcases"),  # a number word
     ("a woman on the right of a phone", "a woman on the rigght of a phone"),  # inside a phrase
     ("a blue bird and a brown boat", "a ble bird and a brown boat"),  # a common 4-letter word
+    ("a sofa on the left of a frog", "a sofa on the left of a frg"),  # 3 letters, no vowel
     ("fat cat eating hamburger high detail photo", "fat cat eating hamburger hifh detail photo"),
     ("a tumbling acrobat", "a tunbling acrobat"),  # a neighbouring key
     ("one cat sitting on the grass", "one cat sitting on the grasss"),

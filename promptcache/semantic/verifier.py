@@ -249,6 +249,7 @@ lx.CATEGORY_WORDS = frozenset().union(*(words for _, words in _CATEGORIES))
 _ORDER = {r: i for i, r in enumerate(REASONS)}
 _NUMBER_NAMES = {digits: word for word, digits in lx.NUMBER_WORDS.items()}
 _COMMON = 20_000  # dictionary frequency of a common word ("blue" 124k, "bird" 56k, "pony" 7k)
+_VOWELS = frozenset("aeiouy")
 
 
 def _is_typo(x: str, y: str) -> bool:
@@ -270,12 +271,14 @@ def _is_typo(x: str, y: str) -> bool:
             # one edit, not of the first letter ("tiger"/"giger", "matte"/"latte" are no
             # typos) unless the first two letters are swapped ("hpoto"/"photo")
             if min(len(vx), len(vy)) == 3:
-                # a dropped letter of a word of four ("brd"/"bird", "ble"/"blue"), the short
-                # one no word: three letters leave too little to tell anything else apart
+                # a dropped letter of a word of four, the short one no word, and either
+                # without a vowel ("frg"/"frog": no name or word is spelled so) or the long one
+                # a common word ("ble"/"blue", but not "pon"/"pony"): three letters leave too
+                # little to tell anything else apart
                 short, long_ = sorted((vx, vy), key=len)
                 if (len(long_) == 4 and short[0] == long_[0] and not lx.known_word(short)
-                        and frequency(long_) >= _COMMON
-                        and lx.edit_distance(short, long_, 1) <= 1):
+                        and (_VOWELS.isdisjoint(short) or frequency(long_) >= _COMMON)
+                        and lx.known_word(long_) and lx.edit_distance(short, long_, 1) <= 1):
                     return True
                 continue
             if min(len(vx), len(vy)) >= 4 and (
