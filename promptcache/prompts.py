@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 
 from schemas.events import Params
 
-KEY_SCHEMA = "k1"
+# k2: the key reads `key_text` (a leading article folded), so "Man" and "a man" share a key.
+KEY_SCHEMA = "k2"
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u2028-\u202e\u2060\ufeff]")
 _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"',
@@ -92,6 +93,21 @@ def canonical_of_clean(text: str) -> str:
     return text
 
 
+_LEADING_ARTICLE = re.compile(r"^(?:a|an|the) (?=[^\s\"'])")
+
+
+def key_text(canonical: str) -> str:
+    """The canonical prompt as the exact key reads it: without one leading article.
+
+    "Man", "a man" and "the man" ask for the same picture, and a one-word prompt never reaches
+    the semantic tier (its embedding means nothing), so the exact key is where they must meet:
+    a determiner-only difference at the start is an exact match. Only the first word: an
+    article inside the prompt can be content ("the letter a", "vitamin a", "plan a"), and
+    differences there are the semantic tier's (its verifier ignores articles). A quoted start
+    is drawn text and stays."""
+    return _LEADING_ARTICLE.sub("", canonical, count=1) if canonical[:1] in "at" else canonical
+
+
 _SAMPLER_ALIASES = {
     "euler a": "euler_a", "euler ancestral": "euler_a", "euler_ancestral": "euler_a",
     "k_euler": "euler", "k_euler_a": "euler_a", "dpm++ 2m karras": "dpmpp_2m_karras",
@@ -142,10 +158,11 @@ def cache_key(
     optimizer_version: str,
     scope: str | None = None,
 ) -> str:
-    """sha256 over everything that changes the picture, and the scope (tenant) the entry
-    belongs to; the shared scope (None) leaves the key as it always was."""
+    """sha256 over everything that changes the picture (the prompts as `key_text` reads them),
+    and the scope (tenant) the entry belongs to; the shared scope (None) adds nothing."""
     fields: dict[str, object] = {
-        "v": KEY_SCHEMA, "prompt": canonical, "negative": negative_canonical or "",
+        "v": KEY_SCHEMA, "prompt": key_text(canonical),
+        "negative": key_text(negative_canonical or ""),
         "params": params.as_dict(), "optimizer": optimizer_version}
     if scope is not None:
         fields["scope"] = scope

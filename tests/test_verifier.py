@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from promptcache.prompts import canonical_prompt
+from promptcache.prompts import KEY_SCHEMA, cache_key, canonical_prompt, normalize_params
 from promptcache.semantic import lexicon
-from promptcache.semantic.verifier import Verdict, parse, verify
+from promptcache.semantic.verifier import Verdict, parse, request_core, verify
+from schemas.events import Params
 
 
 def check(a: str, b: str) -> tuple[Verdict, Verdict]:
@@ -166,3 +167,154 @@ def test_parse_is_stable_under_bad_input() -> None:
         assert not verify(base, cat).ok, text  # an added subject never passes
         swapped = verify(cat, dog)
         assert not swapped.ok and swapped.reason == "species", (text, swapped)
+
+
+# --- issue 18: natural rewrites that ask for the same picture, and their hard negatives ------
+
+REORDERED = [
+    # coordinated noun phrases swapped, attributes staying with their nouns
+    ("a corgi wearing a purple party hat and a red bowtie",
+     "a corgi wearing a red bowtie and a purple party hat"),
+    ("a brown dog and a white cat", "a white cat and a brown dog"),
+    ("two cats and three dogs", "three dogs and two cats"),
+    ("a man holding a cat and a dog", "a man holding a dog and a cat"),
+    ("a dog and a cat sitting on a bench", "a cat and a dog sitting on a bench"),
+    ("a cat and a dog in a box", "a dog and a cat in a box"),
+    ("a red apple, a green pear and a yellow banana",
+     "a yellow banana, a green pear and a red apple"),
+    ("a cat on a chair and a dog on a sofa", "a dog on a sofa and a cat on a chair"),
+    ("a bowl of apples and oranges", "a bowl of oranges and apples"),
+    # a fronted prepositional phrase, with or without its comma
+    ("A dog gives an apple to a squirrel", "To a squirrel, a dog gives an apple."),
+    ("A dog gives an apple to a squirrel", "To a squirrel a dog gives an apple"),
+    ("a pig in a forest", "In a forest, a pig"),
+    ("a frog on the left of a table", "On the left of a table, a frog"),
+    ("a pickup truck at the beach at sunrise", "At the beach at sunrise, a pickup truck"),
+    ("a city skyline at night, oil painting", "At night, a city skyline, oil painting"),
+    ("a pig and a cow in a forest", "In a forest, a cow and a pig"),
+]
+
+
+@pytest.mark.parametrize(("a", "b"), REORDERED)
+def test_accepts_reordered_coordinations_and_fronted_phrases(a: str, b: str) -> None:
+    forward, backward = check(a, b)
+    assert forward.ok and backward.ok, (forward, backward)
+
+
+REORDER_REFUSED = [
+    # (reason, a, b): the same words, another picture
+    ("binding", "a red car and a blue bike", "a blue car and a red bike"),
+    ("binding", "a girl in a red dress and a blue hat", "a girl in a blue dress and a red hat"),
+    ("role", "a dog chasing a cat", "a cat chasing a dog"),
+    ("role", "a dog chasing a cat and a mouse", "a cat chasing a dog and a mouse"),
+    ("role", "a dog and a cat chasing a mouse", "a mouse chasing a dog and a cat"),
+    ("role", "a squirrel gives an apple to a dog", "To a squirrel, a dog gives an apple."),
+    ("role", "a cat on a chair and a dog on a sofa", "a cat on a sofa and a dog on a chair"),
+    # the modifier or phrase may belong to one conjunct only: moving it is a binding change
+    ("role", "a cat and a dog with a hat", "a dog and a cat with a hat"),
+    ("role", "a sleeping cat and a dog", "a sleeping dog and a cat"),
+    ("role", "a cat and a dog wearing hats", "a dog wearing hats and a cat"),
+    ("role", "a dog on a sofa and a cat on a chair", "a dog on a cat and a sofa on a chair"),
+    # a fronted phrase whose clause has a relation of its own could attach elsewhere
+    ("spatial", "behind a wall, a man in front of a car", "a man in front of a car behind a wall"),
+    ("role", "with a hat, a man and a woman", "a man and a woman with a hat"),
+]
+
+
+@pytest.mark.parametrize(("reason", "a", "b"), REORDER_REFUSED)
+def test_refuses_reorders_that_move_attributes_or_roles(reason: str, a: str, b: str) -> None:
+    forward, backward = check(a, b)
+    assert not forward.ok and not backward.ok, (forward, backward)
+    assert forward.reason == reason and backward.reason == reason, (forward, backward)
+
+
+TYPOS = [
+    ("a pig in a forest", "a pig in a froest"),
+    ("four ships", "four shipps"),
+    ("darth maul", "datrh maul"),
+    ("a photo of a lighthouse", "a hpoto of a lighthouse"),  # first two letters swapped
+    ("four swans and two suitcases", "foru swans and two suitcases"),  # a number word
+    ("a woman on the right of a phone", "a woman on the rigght of a phone"),  # inside a phrase
+    ("a blue bird and a brown boat", "a ble bird and a brown boat"),  # a common 4-letter word
+    ("a sofa on the left of a frog", "a sofa on the left of a frg"),  # 3 letters, no vowel
+    ("fat cat eating hamburger high detail photo", "fat cat eating hamburger hifh detail photo"),
+    ("a tumbling acrobat", "a tunbling acrobat"),  # a neighbouring key
+    ("one cat sitting on the grass", "one cat sitting on the grasss"),
+]
+
+
+@pytest.mark.parametrize(("a", "b"), TYPOS)
+def test_accepts_a_misspelling_of_a_word_the_other_prompt_has(a: str, b: str) -> None:
+    forward, backward = check(a, b)
+    assert forward.ok and backward.ok, (forward, backward)
+
+
+NOT_TYPOS = [
+    ("a cat on a mat", "a car on a mat"),  # two real words, however close
+    ("a man in a hat", "a man in a bat"),
+    ("a horse in a field", "a house in a field"),
+    ("portrait of a witcher", "portrait of a witches"),  # r/s: no neighbouring keys
+    ("a wooden pikachu", "wooden pikachus"),  # a plural is a count, not a typo
+    ("bruce pon and trent mcconaghy", "bruce pony and trent mcconaghy"),  # "pony" is rare
+    ("pepe the frog", "pope the frog"),  # a vowel for another in a short word
+    ("a bast boat", "a best bust boat"),  # added word
+    ("a red cat and a bast dog", "a red cat and a best dog"),
+    ("three apples", "tree apples"),  # both real words
+]
+
+
+@pytest.mark.parametrize(("a", "b"), NOT_TYPOS)
+def test_refuses_real_words_that_look_like_typos(a: str, b: str) -> None:
+    forward, backward = check(a, b)
+    assert not forward.ok and not backward.ok, (forward, backward)
+
+
+def test_a_typo_needs_a_single_partner() -> None:
+    """"mose" is one slip from both "moose" and "mouse": no telling which was meant."""
+    a, b = canonical_prompt("a mose and a mouse"), canonical_prompt("a moose and a mouse")
+    assert verify(a, b).ok and verify(b, a).ok  # "mouse" is in both: "mose" is "moose"
+    a, b = canonical_prompt("a mose and a moise"), canonical_prompt("a moose and a mouse")
+    assert not verify(a, b).ok and not verify(b, a).ok
+
+
+def test_articles_and_case_are_one_exact_key() -> None:
+    """A determiner-only difference at the start is the same exact key (KEY_SCHEMA k2); an
+    article elsewhere, a count or quoted text is not."""
+    params = normalize_params(Params(), default_model="m")
+
+    def key(text: str) -> str:
+        return cache_key(canonical_prompt(text), None, params, "1")
+
+    assert key("Man") == key("a man") == key("The man.") == key("MAN")
+    assert key("robot") == key("a robot") == key("A Robot")
+    assert key("an apple on a table") == key("apple on a table")
+    assert key("a man") != key("men") and key("a man") != key("two men")
+    assert key("the letter a") != key("the letter")
+    assert key('"a" sign') != key('"the" sign') and key("a") != key("")
+    assert KEY_SCHEMA == "k2"
+    for a, b in (("Man", "a man"), ("robot", "a robot")):  # the verifier agrees both ways
+        assert check(a, b) == (Verdict(True, None, ""), Verdict(True, None, ""))
+
+
+def test_request_core_spells_unknown_words_for_the_embedding() -> None:
+    """What the semantic tier embeds: typos spelled as the nearest common word, known words,
+    names without a close word and quoted text left alone."""
+    assert request_core("a pig in a froest") == "a pig in a forest"
+    assert request_core("please draw datrh maul") == "darth maul"
+    assert request_core("four shipps") == "four ships"
+    assert request_core("a computer behind a tble") == "a computer behind a table"  # not "able"
+    assert request_core("a cat by greg rutkowski, artstation") == \
+        "a cat by greg rutkowski, artstation"
+    assert request_core('a sign that says "Helo wrld"') == 'a sign that says "Helo wrld"'
+
+
+def test_without_spelling_dictionary_nothing_is_respelled(monkeypatch: pytest.MonkeyPatch) -> None:
+    from promptcache.semantic import spelling
+    spelling.correct_word.cache_clear()
+    monkeypatch.setattr(lexicon, "_DICT", {})
+    try:
+        assert request_core("a pig in a froest") == "a pig in a froest"
+    finally:
+        spelling.correct_word.cache_clear()
+    monkeypatch.setattr(lexicon, "_DICT", None)
+    assert request_core("a pig in a froest") == "a pig in a forest"
