@@ -164,7 +164,7 @@ class Worker:
                                  ex=max(int(self.health_interval.total_seconds() * 3), 1))
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             log.warning("health_write_failed", error=str(exc))
-        log.info("worker_health", **state)
+        log.debug("worker_health", **state)
 
     # the request stage: a batch at a time -------------------------------------------------
 
@@ -267,7 +267,7 @@ class Worker:
         if await self.publisher.already_done(self.keys.done(request.request_id)):
             await self.publisher.ack(source, delivery.message_id)
             self.counters["duplicate"] += 1
-            log.info("duplicate_acked", request_id=request.request_id)
+            log.debug("duplicate_acked", request_id=request.request_id)
             return
         try:
             outcome = await self.pipeline.generate(request)
@@ -277,7 +277,7 @@ class Worker:
             outcome = _answer_with_error(request, "failed", exc)
         await self._publish(source, [_Answer(delivery.message_id, job.origin_id,
                                              request.reply_to, outcome)])
-        log.info("result_published", request_id=request.request_id,
+        log.debug("result_published", request_id=request.request_id,
                  status=outcome.result.status, cache=outcome.result.cache)
 
     # publishing -----------------------------------------------------------------------------
