@@ -415,7 +415,9 @@ async def _reindex(settings: Settings) -> int:
     found = ", ".join(f"{model}: {n}" for model, n in report.by_model.items()) or "none"
     print(f"{report.seen} records ({found}); {report.current} already {tier.embedder.model}; "
           f"{len(report.reembedded)} re-embedded in {report.seconds:.1f} s"
-          + (f"; not re-embedded: {dict(report.skipped)}" if report.skipped else ""))
+          + (f"; not re-embedded: {dict(report.skipped)}" if report.skipped else "")
+          + (f"; {report.deferred} entries stored while a model loaded indexed now"
+             if report.deferred else ""))
     if report.reembedded and settings.database_url:
         store = MetadataStore(settings.database_url)
         try:
