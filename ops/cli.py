@@ -90,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("reindex", help="re-embed the semantic index's entries that another "
                                    "embedding model made (after changing the model or runtime)")
 
+    check = sub.add_parser("check", help="measure the service's five promises and print a "
+                                         "table (against the running stack, else a stack it "
+                                         "starts)")
+    check.add_argument("--count", type=int, default=100, metavar="N",
+                       help="generations of promise 1, 30%% of them rewrites (default 100)")
+    check.add_argument("--seed", type=int, default=17)
+
     dead = sub.add_parser("dead-letter", help="list or replay dead letters")
     dead.add_argument("action", choices=["list", "replay"])
     dead.add_argument("ids", nargs="*", help="dead-letter entry ids to replay (default: all)")
@@ -100,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
 # the commands that talk to the servers: they find a running `promptcache up` when REDIS_URL /
 # DATABASE_URL are unset (ops/stack_state.py)
 SERVER_COMMANDS = frozenset({"worker", "janitor", "web", "migrate", "submit", "stats", "purge",
-                             "flag", "served", "dead-letter", "reindex"})
+                             "flag", "served", "dead-letter", "reindex", "check"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -263,6 +270,15 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             return _ab(args, settings)
         case "reindex":
             return asyncio.run(_reindex(settings))
+        case "check":
+            from ops.check import check
+
+            if args.count < 10:
+                raise ConfigError("--count must be at least 10")
+            outcome = check(settings, count=args.count, seed=args.seed,
+                            say=lambda text: print(text, file=sys.stderr, flush=True))
+            print(outcome.render())
+            return RET_OK if all(line.ok for line in outcome.lines) else RET_ERROR
     return RET_OK
 
 

@@ -56,6 +56,7 @@ class Stack:
     valkey: EmbeddedValkey | None = None
     postgres: EmbeddedPostgres | None = None
     children: list[Child] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)  # for the children (`check`)
     _stop: bool = False
 
     def _print(self, text: str) -> None:
@@ -86,7 +87,7 @@ class Stack:
         applied = apply(database_url, s.migrations_dir)
         self._print(f"  {len(applied)} applied now" if applied else "  schema up to date")
         env = {**CHILD_QUIET_ENV, **os.environ, "REDIS_URL": redis_url,
-               "DATABASE_URL": database_url,
+               **self.extra_env, "DATABASE_URL": database_url,
                "PROMPTCACHE_DATA_DIR": str(s.data_dir)}
         self.children = [Child(f"worker-{i + 1}", ["worker"]) for i in range(self.workers)]
         self.children += [Child("janitor", ["janitor"]), Child("web", ["web"])]
