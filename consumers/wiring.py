@@ -129,7 +129,7 @@ class SemanticLoop:
                 # the model's objects live as long as the process: out of the collector's way
                 # (they multiplied full-collection pauses about 7x, on every request's path)
                 gc.freeze()
-                log.info("gc_frozen", permanent_objects=gc.get_freeze_count())
+                log.debug("gc_frozen", permanent_objects=gc.get_freeze_count())
                 break
             except Exception as exc:  # noqa: BLE001 - exact-only until the embedder works
                 log.warning("semantic_tier_unavailable", error=str(exc), retry_in=delay)

@@ -166,7 +166,7 @@ class Worker:
                                  ex=max(int(self.health_interval.total_seconds() * 3), 1))
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             log.warning("health_write_failed", error=str(exc))
-        log.info("worker_health", **state)
+        log.debug("worker_health", **state)
 
     # the request stage: a batch at a time -------------------------------------------------
 
@@ -272,7 +272,7 @@ class Worker:
         if await self.publisher.already_done(self.keys.done(request.request_id)):
             await self.publisher.ack(source, delivery.message_id)
             self.counters["duplicate"] += 1
-            log.info("duplicate_acked", request_id=request.request_id)
+            log.debug("duplicate_acked", request_id=request.request_id)
             return
         try:
             outcome = await self.pipeline.generate(request)
@@ -285,7 +285,7 @@ class Worker:
         # retried: a generation's answer must not wait for a redelivery (and its entry_stored
         # would be lost with it); publishing is exactly-once, so a retry is safe
         await self._retrying(lambda: self._publish(source, [answer]))
-        log.info("result_published", request_id=request.request_id,
+        log.debug("result_published", request_id=request.request_id,
                  status=outcome.result.status, cache=outcome.result.cache)
 
     # publishing -----------------------------------------------------------------------------

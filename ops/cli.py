@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import faulthandler
 import json
+import re
 import signal
 import sys
 import uuid
@@ -30,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="promptcache",
         description="An image-generation cache on Redis Streams. Configuration comes from the "
-                    "environment (REDIS_URL, DATABASE_URL, PROMPTCACHE_*); see the README.")
+                    "environment (REDIS_URL, DATABASE_URL, PROMPTCACHE_*); see the README. "
+                    "Without REDIS_URL / DATABASE_URL, commands use the servers of a running "
+                    "`promptcache up` (its <data dir>/up.json).")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (any position on the line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run everything in the foreground (embedded servers where "
@@ -90,6 +95,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("reindex", help="re-embed the semantic index's entries that another "
                                    "embedding model made (after changing the model or runtime)")
 
+    check = sub.add_parser("check", help="measure the service's five promises and print a "
+                                         "table (against the running stack, else a stack it "
+                                         "starts)")
+    check.add_argument("--count", type=int, default=100, metavar="N",
+                       help="generations of promise 1, 30%% of them rewrites (default 100)")
+    check.add_argument("--seed", type=int, default=17)
+
     dead = sub.add_parser("dead-letter", help="list or replay dead letters")
     dead.add_argument("action", choices=["list", "replay"])
     dead.add_argument("ids", nargs="*", help="dead-letter entry ids to replay (default: all)")
@@ -97,23 +109,131 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the commands that talk to the servers: they find a running `promptcache up` when REDIS_URL /
+# DATABASE_URL are unset (ops/stack_state.py)
+SERVER_COMMANDS = frozenset({"worker", "janitor", "web", "migrate", "submit", "stats", "purge",
+                             "flag", "served", "dead-letter", "reindex", "check"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # anywhere on the line: `promptcache stats --debug` too
+    args = _parser().parse_args([a for a in argv if a != "--debug"])
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"promptcache: bad configuration:\n{exc}", file=sys.stderr)
+        print(f"promptcache: {_bad_settings(exc)}", file=sys.stderr)
         return RET_USAGE
-    logs.configure(settings.log_level,
-                   "console" if args.command in ("up", "submit") and sys.stderr.isatty()
-                   else settings.log_format)
+    logs.configure(settings.log_level, settings.log_format)
     try:
+        if args.command in SERVER_COMMANDS:
+            settings = _with_running_stack(settings)
+            _check_urls(settings)
         return _dispatch(args, settings)
     except ConfigError as exc:
         print(f"promptcache: {exc}", file=sys.stderr)
         return RET_USAGE
     except KeyboardInterrupt:
         return RET_OK
+    except BaseException as exc:  # noqa: BLE001 - one line for people, the traceback on --debug
+        if debug or isinstance(exc, SystemExit | GeneratorExit):
+            raise
+        if (line := unreachable(exc, settings)) is not None:
+            print(f"promptcache: {line}", file=sys.stderr)
+            return RET_USAGE
+        print(f"promptcache {args.command}: {type(exc).__name__}: {_first_line(exc)} "
+              "(--debug shows the traceback)", file=sys.stderr)
+        return RET_ERROR
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def _redact(url: str | None) -> str:
+    """A URL without its password."""
+    return re.sub(r"(//[^:/@]*:)[^@/]+@", r"\1***@", url or "")
+
+
+def _bad_settings(exc: ValidationError) -> str:
+    """One line: each bad setting by field and environment variable, its value, what is wrong."""
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(x) for x in error["loc"]) or "?"
+        env = {"redis_url": "REDIS_URL", "cache_redis_url": "CACHE_REDIS_URL",
+               "database_url": "DATABASE_URL"}.get(field, f"PROMPTCACHE_{field.upper()}")
+        value = error.get("input")
+        shown = "" if isinstance(value, dict) else f"={value!r}"
+        parts.append(f"{field} ({env}{shown}): {error['msg']}")
+    return "bad setting " + "; ".join(parts)
+
+
+def _with_running_stack(settings: Settings) -> Settings:
+    """REDIS_URL / DATABASE_URL from the state file of a running `promptcache up`, where unset."""
+    from ops.stack_state import StaleState, read_state
+
+    if settings.redis_url and settings.database_url:
+        return settings
+    try:
+        state = read_state(settings.data_dir)
+    except StaleState as exc:
+        raise ConfigError(str(exc)) from None
+    if state is None:
+        return settings
+    return settings.model_copy(update={"redis_url": settings.redis_url or state.redis_url,
+                                       "database_url": settings.database_url
+                                       or state.database_url})
+
+
+def _check_urls(settings: Settings) -> None:
+    """A wrong URL is a usage error, said before anything connects."""
+    for name, url in (("REDIS_URL", settings.redis_url),
+                      ("CACHE_REDIS_URL", settings.cache_redis_url)):
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"bad setting {name}={_redact(url)!r}: a Redis URL starts with "
+                              "redis://, rediss:// or unix://")
+    if settings.database_url:
+        from psycopg import ProgrammingError
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            conninfo_to_dict(settings.database_url)
+        except ProgrammingError as exc:
+            raise ConfigError(f"bad setting DATABASE_URL={_redact(settings.database_url)!r}: "
+                              f"{_first_line(exc)}") from None
+
+
+def unreachable(exc: BaseException, settings: Settings) -> str | None:
+    """One line naming the server that could not be reached and where, or None when `exc` is
+    not about reaching a server."""
+    import psycopg
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (line := unreachable(inner, settings)) is not None:
+                return line
+        return None
+    redis_where = _redact(settings.redis_url)
+    if settings.effective_cache_redis_url != settings.redis_url:
+        redis_where += f" or the cache store {_redact(settings.effective_cache_redis_url)}"
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return f"cannot reach Redis ({redis_where}): {_first_line(exc)}"
+    if isinstance(exc, psycopg.OperationalError):
+        return (f"cannot reach PostgreSQL ({_redact(settings.database_url)}): "
+                f"{_first_line(exc)}")
+    try:
+        from psycopg_pool import PoolTimeout
+    except ImportError:  # pragma: no cover - the pool extra is a dependency
+        PoolTimeout = ()  # type: ignore[assignment,misc]  # noqa: N806
+    if PoolTimeout and isinstance(exc, PoolTimeout):
+        return (f"cannot reach PostgreSQL ({_redact(settings.database_url)}): "
+                f"{_first_line(exc)}")
+    if isinstance(exc, ConnectionError | TimeoutError):  # the builtins: a socket somewhere
+        return f"cannot reach a server ({redis_where or 'no REDIS_URL'}): {_first_line(exc)}"
+    return None
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
@@ -155,6 +275,15 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             return _ab(args, settings)
         case "reindex":
             return asyncio.run(_reindex(settings))
+        case "check":
+            from ops.check import check
+
+            if args.count < 10:
+                raise ConfigError("--count must be at least 10")
+            outcome = check(settings, count=args.count, seed=args.seed,
+                            say=lambda text: print(text, file=sys.stderr, flush=True))
+            print(outcome.render())
+            return RET_OK if all(line.ok for line in outcome.lines) else RET_ERROR
     return RET_OK
 
 
@@ -271,7 +400,8 @@ async def _stats(args: argparse.Namespace, settings: Settings) -> int:
             if db is not None and args.scope is not None:
                 db["scope"] = args.scope
         except Exception as exc:  # noqa: BLE001 - the report shows what it could read
-            print(f"database unavailable: {exc}", file=sys.stderr)
+            print(f"promptcache: cannot reach PostgreSQL ({_redact(settings.database_url)}): "
+                  f"{_first_line(exc)}; Redis figures only", file=sys.stderr)
     if args.json:
         print(json.dumps({"redis": streams, "database": db}, default=str, indent=2))
     else:
@@ -290,21 +420,29 @@ async def _reindex(settings: Settings) -> int:
     if tier is None:
         raise ConfigError("PROMPTCACHE_EMBEDDINGS=off: there is no model to re-embed with")
 
-    def progress(report: ReindexReport) -> None:
-        print(f"  {report.seen} records read, {len(report.reembedded)} re-embedded "
-              f"({report.seconds:.0f} s)", file=sys.stderr, flush=True)
+    from ops.progress import bar
 
     print(f"re-embedding with {tier.embedder.model} (loading the model) ...", file=sys.stderr,
           flush=True)
     try:
-        report = await reindex(tier, progress=progress)
+        total = await cache.hlen(tier.store.keys.semantic_vectors)
+        with bar(total, "records read", unit="rec") as progress:
+
+            def step(report: ReindexReport) -> None:
+                progress.n = report.seen
+                progress.set_postfix(reembedded=len(report.reembedded), refresh=False)
+                progress.refresh()
+
+            report = await reindex(tier, progress=step)
     finally:
         await tier.embedder.aclose()
         await cache.aclose()
     found = ", ".join(f"{model}: {n}" for model, n in report.by_model.items()) or "none"
     print(f"{report.seen} records ({found}); {report.current} already {tier.embedder.model}; "
           f"{len(report.reembedded)} re-embedded in {report.seconds:.1f} s"
-          + (f"; not re-embedded: {dict(report.skipped)}" if report.skipped else ""))
+          + (f"; not re-embedded: {dict(report.skipped)}" if report.skipped else "")
+          + (f"; {report.deferred} entries stored while a model loaded indexed now"
+             if report.deferred else ""))
     if report.reembedded and settings.database_url:
         store = MetadataStore(settings.database_url)
         try:
@@ -335,11 +473,20 @@ async def _purge(args: argparse.Namespace, settings: Settings) -> int:
     cache_url = settings.effective_cache_redis_url or ""
     cache_redis = redis if cache_url == settings.redis_url else streams_client(cache_url)
     keys = Keys(settings.prefix)
+    from ops.progress import bar
+
     try:
-        count = await purge(redis, keys, settings.database_url,
-                            registry(cache_redis, keys, blob_store(settings), settings),
-                            entry_ids=args.entry, prompt_like=args.prompt, older_than_s=older,
-                            everything=args.all, scope=args.scope)
+        with bar(None, "evicting", unit="entry") as progress:
+
+            def step(done: int, total: int) -> None:
+                progress.total = total
+                progress.update(done - progress.n)
+
+            count = await purge(redis, keys, settings.database_url,
+                                registry(cache_redis, keys, blob_store(settings), settings),
+                                entry_ids=args.entry, prompt_like=args.prompt,
+                                older_than_s=older, everything=args.all,
+                                scope=args.scope, progress=step)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     finally:

@@ -4,6 +4,10 @@ Starts embedded Valkey / PostgreSQL where REDIS_URL / DATABASE_URL are unset, mi
 N workers, the janitor and the web process as child processes, restarts a child that dies, and
 on Ctrl-C / SIGTERM stops the children (they finish or leave pending what they hold) and then
 the embedded servers.
+
+Once ready it writes where everything is to `<data dir>/up.json` (ops/stack_state.py), which
+every other command reads when REDIS_URL / DATABASE_URL are unset, and removes it when it stops.
+The children get no third-party progress bars (promptcache/logs.py CHILD_QUIET_ENV).
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from dataclasses import dataclass, field
 import structlog
 
 from promptcache.config import Settings
+from promptcache.logs import CHILD_QUIET_ENV
 from ops.embedded_servers import EmbeddedPostgres, EmbeddedValkey
+from ops.stack_state import StackState, StaleState, read_state, remove_state
 from promptcache.keys import Keys
 from consumers.wiring import streams_client
 from promptcache.storage.migrate import apply
@@ -50,6 +56,7 @@ class Stack:
     valkey: EmbeddedValkey | None = None
     postgres: EmbeddedPostgres | None = None
     children: list[Child] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)  # for the children (`check`)
     _stop: bool = False
 
     def _print(self, text: str) -> None:
@@ -58,6 +65,14 @@ class Stack:
     def start(self) -> dict[str, str]:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            running = read_state(s.data_dir)
+        except StaleState:
+            running = None  # a previous `up` that did not stop cleanly: replaced below
+        if running is not None and running.pid != os.getpid():
+            raise RuntimeError(f"another `promptcache up` (pid {running.pid}) is running with "
+                               f"this data directory ({s.data_dir}); stop it first, or set "
+                               "PROMPTCACHE_DATA_DIR to another directory")
         redis_url, database_url = s.redis_url, s.database_url
         if not redis_url:
             self._print(f"starting embedded Valkey (data in {s.data_dir / 'valkey'}) ...")
@@ -71,8 +86,9 @@ class Stack:
         self._print("applying migrations ...")
         applied = apply(database_url, s.migrations_dir)
         self._print(f"  {len(applied)} applied now" if applied else "  schema up to date")
-        env = dict(os.environ, REDIS_URL=redis_url, DATABASE_URL=database_url,
-                   PROMPTCACHE_DATA_DIR=str(s.data_dir))
+        env = {**CHILD_QUIET_ENV, **os.environ, "REDIS_URL": redis_url,
+               **self.extra_env, "DATABASE_URL": database_url,
+               "PROMPTCACHE_DATA_DIR": str(s.data_dir)}
         self.children = [Child(f"worker-{i + 1}", ["worker"]) for i in range(self.workers)]
         self.children += [Child("janitor", ["janitor"]), Child("web", ["web"])]
         started = time.monotonic()
@@ -82,6 +98,8 @@ class Stack:
             self._print(f"  started {child.name} (pid {pid})")
         self._wait_ready(redis_url)
         self._print(f"  ready in {time.monotonic() - started:.1f}s")
+        StackState(pid=os.getpid(), redis_url=redis_url, database_url=database_url,
+                   web_url=s.effective_public_url, started_at=time.time()).write(s.data_dir)
         self._print(self.where(redis_url, database_url))
         return env
 
@@ -122,7 +140,8 @@ class Stack:
             + (f" (simulated {s.generator_latency_ms} ms per image)"
                if s.generator == "procedural" else ""),
             f"  processes        {', '.join(c.name for c in self.children)}",
-            "  try              promptcache submit 'a red fox in the snow'",
+            "  try              promptcache submit 'a red fox in the snow'   (any terminal: "
+            f"{s.data_dir / 'up.json'} says where)",
             "  stop             Ctrl-C",
             "",
         ])
@@ -146,6 +165,7 @@ class Stack:
         self._stop = True
 
     def shutdown(self, grace: float = 40.0) -> None:
+        remove_state(self.settings.data_dir, os.getpid())
         self._print("stopping: workers finish what they hold ...")
         for child in self.children:
             if child.process is not None and child.process.poll() is None:

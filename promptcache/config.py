@@ -150,7 +150,8 @@ class Settings(BaseSettings):
 
     # logs
     log_level: str = "INFO"
-    log_format: Literal["json", "console"] = "json"
+    # auto: console lines for people when stderr is a terminal, JSON lines otherwise
+    log_format: Literal["auto", "json", "console"] = "auto"
 
     @property
     def effective_cache_redis_url(self) -> str | None:

@@ -17,6 +17,7 @@ A request with the same prompt afterwards is a miss and is generated anew.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,12 +38,14 @@ class UnknownEntry(LookupError):
 
 
 async def evict_entries(redis: aioredis.Redis, keys: Keys, registry: EntryRegistry,
-                        entry_ids: list[str], *, reason: str) -> int:
+                        entry_ids: list[str], *, reason: str,
+                        progress: Callable[[int, int], None] | None = None) -> int:
     """Evict entries through the registry (the janitor's path) and tell the persister, so the
     metadata rows go too. Entries the registry no longer knows still get their row dropped.
-    Returns how many were still registered."""
+    Returns how many were still registered. `progress(done, total)` after each entry."""
     evicted = 0
-    for entry_id in sorted(set(entry_ids)):
+    todo = sorted(set(entry_ids))
+    for done, entry_id in enumerate(todo, 1):
         eviction = await registry.evict(entry_id, reason=reason)
         if eviction is None:  # not registered (any more): still drop the row
             event = ChangeEvent(type="entry_evicted", entry_id=entry_id, at=time.time(),
@@ -51,6 +54,8 @@ async def evict_entries(redis: aioredis.Redis, keys: Keys, registry: EntryRegist
             event = eviction.change_event(reason)
             evicted += 1
         await redis.xadd(keys.changes, {"data": event.model_dump_json(exclude_none=True)})
+        if progress is not None:
+            progress(done, len(todo))
     return evicted
 
 
@@ -104,7 +109,8 @@ async def is_flagged(cache: aioredis.Redis, keys: Keys, blob_sha256: str) -> boo
 async def purge(redis: aioredis.Redis, keys: Keys, database_url: str,
                 registry: EntryRegistry, *, entry_ids: list[str] | None = None,
                 prompt_like: str | None = None, older_than_s: float | None = None,
-                everything: bool = False, scope: str | None = None) -> int:
+                everything: bool = False, scope: str | None = None,
+                progress: Callable[[int, int], None] | None = None) -> int:
     """Evict matching entries through the same path as the janitor's evictions: registry,
     exact key, blob files (with the last reference), and the metadata row via the change stream.
     Entries are found in PostgreSQL (which knows prompts and ages) and, for --all and --entry,
@@ -125,7 +131,8 @@ async def purge(redis: aioredis.Redis, keys: Keys, database_url: str,
             sql = "SELECT entry_id FROM cache_entries WHERE " + " AND ".join(where)
             with psycopg.connect(database_url, connect_timeout=5) as conn:
                 in_scope &= {row[0] for row in conn.execute(sql, args).fetchall()}  # type: ignore[arg-type]
-        return await evict_entries(redis, keys, registry, sorted(in_scope), reason="purge")
+        return await evict_entries(redis, keys, registry, sorted(in_scope), reason="purge",
+                                   progress=progress)
     if not where and not everything:
         raise ValueError("say what to purge: --entry, --prompt, --older-than, --scope or --all")
     sql = "SELECT entry_id FROM cache_entries" + (" WHERE " + " AND ".join(where) if where else "")
@@ -135,4 +142,5 @@ async def purge(redis: aioredis.Redis, keys: Keys, database_url: str,
         ids |= {r.decode() for r in await registry.redis.zrange(keys.lru, 0, -1)}
     if entry_ids and not (prompt_like or older_than_s is not None):
         ids |= set(entry_ids)
-    return await evict_entries(redis, keys, registry, sorted(ids), reason="purge")
+    return await evict_entries(redis, keys, registry, sorted(ids), reason="purge",
+                               progress=progress)

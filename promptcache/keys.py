@@ -118,6 +118,12 @@ class Keys:
         (cache key): what similar misses wait for."""
         return f"{self.prefix}:semantic:inflight"
 
+    @property
+    def semantic_deferred(self) -> str:
+        """hash entry_id -> entry stored while a worker's model was loading (cache key, params
+        key, prompt): indexed once a model is ready (SemanticTier.index_deferred). Bounded."""
+        return f"{self.prefix}:semantic:deferred"
+
     def embedding(self, model: str, dim: int, text_hash: str) -> str:
         return f"{self.prefix}:semantic:embedding:{model}:{dim}:{text_hash}"
 

@@ -417,6 +417,8 @@ class Pipeline:
                 status = "bypass"
         embedding: str | None = None
         if status == "miss" and self.semantic is not None:
+            # never waits for the model: while it loads, the entry is deferred (None here) and
+            # joins the index once the model is ready (SemanticTier.index_deferred)
             vector = await self.semantic.add(entry_id=entry.entry_id, cache_key=key,
                                              params_key=prepared.params_key, canonical=canonical)
             if vector is not None:  # the durable copy in PostgreSQL goes with the change event

@@ -250,6 +250,19 @@ def test_dashboard_shows_real_figures_and_thumbnails_and_flagging_removes_an_ima
         assert tiles["b4"]["latency"].endswith("ms")
         browser.screenshot(tmp_path / "dashboard.png")
 
+        # at 1280 px wide (a common window) no panel scrolls sideways: the latency and streams
+        # tables, filled, fit their panels (issue 17)
+        browser.call("Emulation.setDeviceMetricsOverride", width=1280, height=1700,
+                     deviceScaleFactor=1, mobile=False)
+        browser.wait_for("window.innerWidth === 1280", what="the 1280 px viewport")
+        assert browser.evaluate("document.querySelectorAll('#streams tbody tr').length") >= 5
+        overflowing = browser.evaluate(
+            "[...document.querySelectorAll('.panel, .card')]"
+            ".filter(p => p.scrollWidth > p.clientWidth + 1)"
+            ".map(p => (p.querySelector('h2, .label') || p).textContent.trim())")
+        assert overflowing == [], overflowing
+        browser.screenshot(tmp_path / "dashboard-1280.png")
+
         # which requests got the lighthouse: the miss that made it and the exact hit
         bad = results["b1"]
         browser.evaluate("document.querySelector('.tile[data-request-id=\"b1\"] .served-btn')"

@@ -108,14 +108,17 @@ def test_up_serves_the_demo_submit_stats_and_purge_then_stops_cleanly(tmp_path):
         redis_url = re.search(r"redis\s+(redis://\S+)", out).group(1)
         database_url = re.search(r"postgresql\s+(postgresql://\S+)", out).group(1)
         env_client = {**env, "REDIS_URL": redis_url, "DATABASE_URL": database_url}
-        submitted = _cli("submit", "a fox made of origami", "--param", "seed=3", env=env_client)
+        state = json.loads((tmp_path / "data" / "up.json").read_text())
+        assert (state["redis_url"], state["database_url"]) == (redis_url, database_url)
+        # a second terminal with no variables: the state file of `up` says where the servers are
+        submitted = _cli("submit", "a fox made of origami", "--param", "seed=3", env=env)
         assert submitted.returncode == 0, submitted.stderr
         assert json.loads(submitted.stdout)["cache"] == "miss"
         again = _cli("submit", "A fox made of origami.", "--param", "seed=3", env=env_client)
         assert json.loads(again.stdout)["cache"] == "exact"
 
         def stats() -> dict:
-            done = _cli("stats", "--json", env=env_client)
+            done = _cli("stats", "--json", env=env)
             assert done.returncode == 0, done.stderr
             return json.loads(done.stdout)
 
@@ -140,5 +143,6 @@ def test_up_serves_the_demo_submit_stats_and_purge_then_stops_cleanly(tmp_path):
             up.kill()
             raise
     assert up.returncode == 0, err[-3000:]
+    assert not (tmp_path / "data" / "up.json").exists()  # removed when `up` stopped
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", "processes left running after up stopped"

@@ -135,7 +135,7 @@ class Flight:
                         log.info("flight_lock_taken_over")
                     return lease
                 if not waited:
-                    log.info("flight_waiting")
+                    log.debug("flight_waiting")
                 waited = True
                 if (value := await find()) is not None:
                     return Found(value)

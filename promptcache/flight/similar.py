@@ -128,7 +128,7 @@ class SimilarFlights:
 
     async def wait(self, holder: Holder) -> Finished:
         """Until the holder finishes, fails or dies, or `max_wait_s`."""
-        log.info("semantic_flight_waiting", similarity=round(holder.similarity, 3))
+        log.debug("semantic_flight_waiting", similarity=round(holder.similarity, 3))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
         delay = self.poll_s

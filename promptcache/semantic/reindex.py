@@ -42,6 +42,7 @@ class ReindexReport:
     skipped: Counter[str] = field(default_factory=Counter)  # why an entry was not re-embedded
     by_model: Counter[str] = field(default_factory=Counter)  # the models found
     seconds: float = 0.0
+    deferred: int = 0  # entries stored while a model loaded, indexed now (SemanticTier.add)
 
 
 def params_key_of(record: Record) -> str | None:
@@ -57,6 +58,8 @@ async def reindex(tier: SemanticTier, *, concurrency: int = 32,
     seconds with the report so far."""
     await tier.warm()
     report = ReindexReport()
+    if tier.deferred_indexing is not None:
+        report.deferred = await tier.deferred_indexing
     started = time.monotonic()
     last_progress = started
     pending: set[asyncio.Task[None]] = set()

@@ -60,6 +60,15 @@ return 1
 """
 
 
+# remember an entry stored while the model loads, only while the registry has it, up to a bound
+_DEFER = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[3]) then return -1 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+
 def encode_vector(vector: np.ndarray) -> str:
     """float16, base64: how vectors are kept in the cache store."""
     return base64.b64encode(vector.astype("<f2").tobytes()).decode()
@@ -101,11 +110,37 @@ class SemanticStore:
         self.keys = keys
         self.embedding_ttl = embedding_ttl
         self._add = redis.register_script(_ADD)
+        self._defer = redis.register_script(_DEFER)
 
     async def add(self, record: Record) -> bool:
         return bool(await self._add(
             keys=[self.keys.entries, self.keys.semantic_vectors, self.keys.semantic_log],
             args=[record.meta.entry_id, record.to_json(), SEMANTIC_LOG_MAXLEN]))
+
+    async def defer(self, entry_id: str, *, cache_key: str, params_key: str, prompt: str,
+                    limit: int) -> int:
+        """Keep an entry to index once a model is ready: 1 kept, 0 evicted already, -1 full."""
+        return int(await self._defer(
+            keys=[self.keys.entries, self.keys.semantic_deferred],
+            args=[entry_id, json.dumps({"key": cache_key, "params_key": params_key,
+                                        "prompt": prompt}, ensure_ascii=False), limit]))
+
+    async def deferred(self, count: int) -> list[tuple[str, str, str, str]]:
+        """Up to `count` deferred entries: (entry id, cache key, params key, prompt)."""
+        _, found = await self.redis.hscan(self.keys.semantic_deferred, 0, count=count)
+        out = []
+        for raw_id, raw in list(found.items())[:count]:
+            try:
+                data = json.loads(raw)
+                out.append((raw_id.decode(), str(data["key"]), str(data["params_key"]),
+                            str(data["prompt"])))
+            except (ValueError, KeyError, TypeError):
+                out.append((raw_id.decode(), "", "", ""))  # unreadable: dropped by the caller
+        return out
+
+    async def undefer(self, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            await self.redis.hdel(self.keys.semantic_deferred, *entry_ids)
 
     async def get_embedding(self, model: str, dim: int, text_hash: str) -> np.ndarray | None:
         try:

@@ -7,10 +7,17 @@ first. A candidate the verifier refuses is counted by reason (`refused:<reason>`
 embedding means nothing (one word, another script, past the model's window) is counted as
 `skipped:<reason>` and looked up exactly only. Any embedding or store failure degrades to
 exact-only too: the semantic tier can cost a hit, never an answer.
+
+Nothing waits for the model: an entry a miss stores while this process's model still loads is
+kept in `{prefix}:semantic:deferred` (the cache store, bounded by DEFERRED_MAX) and its answer
+goes out at once; when the model is ready, a background task of the process (`warm` starts it)
+embeds and indexes the deferred entries, as any later `warm` does (a restarted worker, another
+worker, `promptcache reindex`), so a worker stopped meanwhile loses none of them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -26,6 +33,9 @@ from promptcache.semantic.store import Record, SemanticStore
 from promptcache.semantic.verifier import request_core, verify
 
 log = structlog.get_logger(__name__)
+
+DEFERRED_MAX = 10_000  # entries waiting for a model, shared by the workers: past it, exact-only
+_DEFERRED_BATCH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +55,8 @@ class SemanticTier:
         self.top_k = top_k
         self.verifier = verifier
         self.ready = False
+        self.deferring = 0  # defer() calls in flight (the indexing task waits for them)
+        self.deferred_indexing: asyncio.Task[int] | None = None  # started by `warm`
 
     async def warm(self) -> None:
         """Load the model (or learn the remote model's dimension); exact-only until done."""
@@ -59,6 +71,9 @@ class SemanticTier:
         self.ready = True
         log.info("semantic_tier_ready", model=self.embedder.model, dim=self.embedder.dim,
                  seconds=round(time.monotonic() - started, 2))
+        if self.deferred_indexing is None:
+            self.deferred_indexing = asyncio.create_task(self.index_deferred(),
+                                                         name="semantic-deferred")
 
     def partition(self, params_key: str) -> str:
         """Vectors of different models (or dimensions) never meet: they live apart."""
@@ -164,22 +179,84 @@ class SemanticTier:
     async def add(self, *, entry_id: str, cache_key: str, params_key: str,
                   canonical: str) -> np.ndarray | None:
         """Index a new entry for every worker. Returns its vector (for the durable copy), or
-        None when the prompt is not embeddable or the store could not take it."""
+        None when the prompt is not embeddable, the store could not take it, or the model is
+        still loading (the entry is deferred: indexed once a model is ready, without a copy in
+        PostgreSQL)."""
         core = request_core(canonical)
         if not_embeddable(core) is not None:
             return None
-        try:  # not `_vector`: an entry made while the model loads waits for it (once)
+        if not self.ready:
+            await self._defer(entry_id, cache_key, params_key, canonical)
+            return None
+        try:  # the model is loaded: no wait beyond the lookups queued before it
             vector = await self.embedder.embed_one(core, urgent=False)  # lookups first
         except Exception as exc:  # noqa: BLE001 - the entry stays exact-only
             log.warning("embedding_failed", error=str(exc))
             return None
+        return vector if await self._store(entry_id, cache_key, params_key, canonical,
+                                           vector) else None
+
+    async def _store(self, entry_id: str, cache_key: str, params_key: str, canonical: str,
+                     vector: np.ndarray, *, swallow: bool = True) -> bool:
+        """`swallow`: a store failure is logged and False (else it raises)."""
         record = Record(Meta(entry_id, self.partition(params_key), cache_key, canonical),
                         self.embedder.model, vector)
         try:
             if not await self.store.add(record):
-                return None  # evicted already
+                return False  # evicted already
+        except (RedisError, OSError) as exc:
+            if not swallow:
+                raise
+            log.warning("semantic_add_failed", error=str(exc))
+            return False
+        self.index.add(record.meta, vector)  # here at once; the log brings it to the others
+        return True
+
+    async def _defer(self, entry_id: str, cache_key: str, params_key: str,
+                     canonical: str) -> None:
+        self.deferring += 1
+        try:
+            kept = await self.store.defer(entry_id, cache_key=cache_key, params_key=params_key,
+                                          prompt=canonical, limit=DEFERRED_MAX)
         except (RedisError, OSError) as exc:
             log.warning("semantic_add_failed", error=str(exc))
-            return None
-        self.index.add(record.meta, vector)  # here at once; the log brings it to the others
-        return vector
+            return
+        finally:
+            self.deferring -= 1
+        if kept < 0:
+            await self.store.count("skipped:deferred_full")
+            log.warning("semantic_deferred_full", limit=DEFERRED_MAX,
+                        detail="entries stored while the model loads stay exact-only")
+        else:
+            log.debug("semantic_add_deferred", entry_id=entry_id)
+
+    async def index_deferred(self) -> int:
+        """Embed and index the entries stored while a model loaded (this worker's or any
+        other's), until none is left. Returns how many joined the index. Runs once the model
+        is ready; on an embedding or store failure the rest stay for the next `warm`."""
+        if not self.ready:
+            return 0
+        added = 0
+        try:
+            while True:
+                batch = await self.store.deferred(_DEFERRED_BATCH)
+                if not batch:
+                    if not self.deferring:
+                        break
+                    await asyncio.sleep(0.05)  # a defer() sent before `ready` is landing
+                    continue
+                usable = [(e, k, p, c) for e, k, p, c in batch
+                          if k and not_embeddable(request_core(c)) is None]
+                vectors = await self.embedder.embed_many(
+                    [request_core(c) for _, _, _, c in usable], urgent=False) if usable else []
+                for (entry_id, key, params_key, canonical), vector in zip(usable, vectors,
+                                                                           strict=True):
+                    added += await self._store(entry_id, key, params_key, canonical, vector,
+                                               swallow=False)
+                await self.store.undefer([entry_id for entry_id, _, _, _ in batch])
+        except (EmbeddingError, RedisError, OSError) as exc:
+            log.warning("semantic_deferred_failed", error=str(exc), indexed=added,
+                        detail="the rest are indexed by the next worker to load its model")
+        if added:
+            log.info("semantic_deferred_indexed", entries=added)
+        return added
