@@ -34,6 +34,7 @@ import redis  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 
 from ops.embedded_servers import EmbeddedPostgres, EmbeddedValkey  # noqa: E402
+from ops.progress import bar  # noqa: E402
 from promptcache.keys import REQUESTS_GROUP, Keys  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -269,17 +270,22 @@ class ResultReader:
     def answered(self, ids: list[str]) -> int:
         return sum(1 for rid in ids if rid in self.seen)
 
-    async def wait(self, ids: list[str], deadline: float) -> bool:
-        """True when every id has a result before `deadline` (monotonic)."""
+    async def wait(self, ids: list[str], deadline: float, desc: str = "answered") -> bool:
+        """True when every id has a result before `deadline` (monotonic). A progress bar on a
+        terminal (nothing when stderr is a file or a pipe)."""
         pending = [rid for rid in ids if rid not in self.seen]
-        while pending:
-            STOP.check()
-            if self.error is not None:
-                raise RuntimeError(f"result reader failed: {self.error!r}")
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.05)
-            pending = [rid for rid in pending if rid not in self.seen]
+        with bar(len(ids), desc, unit="result") as progress:
+            progress.update(len(ids) - len(pending))
+            while pending:
+                STOP.check()
+                if self.error is not None:
+                    raise RuntimeError(f"result reader failed: {self.error!r}")
+                if time.monotonic() >= deadline:
+                    return False
+                await asyncio.sleep(0.05)
+                left = [rid for rid in pending if rid not in self.seen]
+                progress.update(len(pending) - len(left))
+                pending = left
         return True
 
 
