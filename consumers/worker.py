@@ -176,35 +176,41 @@ class Worker:
         handoffs: list[Outgoing] = []
         lookups: list[tuple[Delivery, Prepared]] = []
         for delivery in deliveries:
-            decoded = intake.decode(delivery.fields, own_prefix=self.keys.prefix)
-            if isinstance(decoded, intake.Undeliverable):
-                await self._guard(delivery, self._dead_letter(source, delivery, decoded.error))
-                continue
-            if isinstance(decoded, intake.Rejected):
-                reply_to = decoded.reply_to
-                if reply_to is not None and intake.is_own_key(reply_to, self.keys.prefix):
-                    reply_to = None
-                answers.append(_Answer(delivery.message_id, delivery.message_id, reply_to,
-                                       Outcome(Result(request_id=decoded.request_id,
-                                                      status="rejected", error=decoded.error))))
-                continue
-            request: Request = decoded
-            if delivery.times_delivered > self.max_deliveries:
-                await self._guard(delivery, self._over_limit(source, delivery, request,
-                                                             delivery.message_id))
-                continue
             try:
-                prepared = self.pipeline.prepare(request)
-            except RequestRejected as exc:
-                answers.append(_Answer(delivery.message_id, delivery.message_id,
-                                       request.reply_to,
-                                       _answer_with_error(request, "rejected", exc),
-                                       request.scope))
-                continue
-            if request.options.cache != "use":
-                handoffs.append(self._handoff(delivery.message_id, request))
-            else:
-                lookups.append((delivery, prepared))
+                decoded = intake.decode(delivery.fields, own_prefix=self.keys.prefix)
+                if isinstance(decoded, intake.Undeliverable):
+                    await self._guard(delivery, self._dead_letter(source, delivery, decoded.error))
+                    continue
+                if isinstance(decoded, intake.Rejected):
+                    reply_to = decoded.reply_to
+                    if reply_to is not None and intake.is_own_key(reply_to, self.keys.prefix):
+                        reply_to = None
+                    answers.append(_Answer(delivery.message_id, delivery.message_id, reply_to,
+                                           Outcome(Result(request_id=decoded.request_id,
+                                                          status="rejected", error=decoded.error))))
+                    continue
+                request: Request = decoded
+                if delivery.times_delivered > self.max_deliveries:
+                    await self._guard(delivery, self._over_limit(source, delivery, request,
+                                                                 delivery.message_id))
+                    continue
+                try:
+                    prepared = self.pipeline.prepare(request)
+                except RequestRejected as exc:
+                    answers.append(_Answer(delivery.message_id, delivery.message_id,
+                                           request.reply_to,
+                                           _answer_with_error(request, "rejected", exc),
+                                           request.scope))
+                    continue
+                if request.options.cache != "use":
+                    handoffs.append(self._handoff(delivery.message_id, request))
+                else:
+                    lookups.append((delivery, prepared))
+            except Exception as exc:  # noqa: BLE001 - one bad entry must not fail its batch
+                self.counters["retry_later"] += 1  # left pending: redelivered, then dead-lettered
+                log.exception("request_failed_left_pending", error=str(exc),
+                              message_id=delivery.message_id,
+                              times_delivered=delivery.times_delivered)
         if lookups:
             found = await self._retrying(lambda: self.pipeline.lookup_many(
                 [p for _, p in lookups]))

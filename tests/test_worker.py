@@ -520,3 +520,25 @@ async def test_a_repeated_publish_hands_off_once_and_writes_its_change_events_on
     assert await redis.xlen(keys.results) == 1
     assert await redis.xlen(keys.changes) == 1
     assert (await redis.xpending(keys.requests, REQUESTS_GROUP))["pending"] == 0
+
+
+async def test_one_entry_failing_unexpectedly_does_not_fail_its_batch(redis, keys, settings):
+    gen = CountingGenerator()
+    worker = worker_for(settings, redis, gen)
+    prepare = worker.pipeline.prepare
+
+    def exploding(request):  # a bug in one request's preparation, nothing to do with Redis
+        if request.prompt == "boom":
+            raise KeyError("unexpected")
+        return prepare(request)
+
+    worker.pipeline.prepare = exploding  # type: ignore[method-assign]
+    for rid, prompt in (("ok1", "a kite"), ("bad", "boom"), ("ok2", "a kite")):
+        await send(redis, keys.requests, request_id=rid, prompt=prompt)
+    await worker.run(burst=True)
+    assert [r.status for r in await results_for(redis, keys.results, "ok1")] == ["ok"]
+    assert [r.status for r in await results_for(redis, keys.results, "ok2")] == ["ok"]
+    assert await results_for(redis, keys.results, "bad") == []
+    pending = await redis.xpending_range(keys.requests, REQUESTS_GROUP, "-", "+", 10)
+    assert len(pending) == 1  # left for a redelivery (and, past max_deliveries, a dead letter)
+    assert worker.counters["retry_later"] == 1
