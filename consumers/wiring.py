@@ -195,6 +195,8 @@ def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aior
                         if cache_redis and semantic else None,
                         quality=quality_gate(settings, redis, keys),
                         **pipeline_guards(settings, redis, keys, blobs, entries))
+    if semantic is not None:  # entries indexed late (model loading) get their durable copy
+        semantic.on_embedded = pipeline.publish_changes
     return Worker(redis=redis, keys=keys, pipeline=pipeline, consumer=consumer,
                   batch_size=settings.batch_size, max_in_flight=settings.max_in_flight,
                   generation_concurrency=settings.generation_concurrency,

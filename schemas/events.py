@@ -164,7 +164,7 @@ class ChangeEvent(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     type: Literal["entry_stored", "entry_hit", "entry_evicted", "request_answered",
-                  "requests_answered"]
+                  "requests_answered", "entry_embedded"]
     entry_id: str
     at: float
     cache_key: str | None = None

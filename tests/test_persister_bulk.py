@@ -188,3 +188,23 @@ async def test_one_transaction_per_batch(redis, keys, settings, db, batch_size):
     assert applied == events == persister.written
     assert transactions == persister.batches
     assert persister.batches == (events if batch_size == 1 else 1)
+
+
+async def test_a_late_embedding_gets_its_durable_copy(redis, keys, db):
+    """An entry indexed after it was stored (the model was loading) sends `entry_embedded`:
+    the persister writes its semantic_entries row as it does for entry_stored's vector."""
+    import base64
+    import time
+
+    import numpy as np
+
+    vector = base64.b64encode(np.ones(4, dtype="<f4").tobytes()).decode()
+    event = ChangeEvent(type="entry_embedded", entry_id="e_late", at=time.time(), cache_key="k",
+                        canonical_prompt="a lighthouse", partition="p", embedding_model="m",
+                        embedding=vector)
+    await redis.xadd(keys.changes, {"data": event.model_dump_json(exclude_none=True)})
+    await _persist(redis, keys, db)
+    with psycopg.connect(db) as conn:
+        rows = conn.execute("SELECT entry_id, partition, model, dim FROM semantic_entries"
+                            " WHERE entry_id = 'e_late'").fetchall()
+    assert rows == [("e_late", "p", "m", 4)]

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from consumers.wiring import SemanticLoop, build_semantic, build_worker
 from promptcache.keys import Keys
+from schemas.events import ChangeEvent
 from tests.conftest import wait_until
 from tests.helpers import CountingGenerator, running
 from tests.http_fakes import FakeServer, Recorded, Reply
@@ -61,6 +62,12 @@ async def test_a_miss_is_answered_while_the_model_loads_and_indexed_once_it_is_r
                 rewrite = await ask(redis, keys, "d2",
                                     "please draw a lighthouse on the cliff at dawn")
                 assert rewrite.cache == "semantic" and rewrite.entry_id == first.entry_id
+                # its durable copy follows: an `entry_embedded` change event for PostgreSQL
+                events = [ChangeEvent.model_validate_json(f[b"data"])
+                          for _, f in await redis.xrange(keys.changes)]
+                [late] = [e for e in events if e.type == "entry_embedded"]
+                assert late.entry_id == first.entry_id and late.embedding
+                assert not [e for e in events if e.type == "entry_stored" and e.embedding]
         finally:
             loaded.set()
             loop.stop()

@@ -18,9 +18,10 @@ worker, `promptcache reindex`), so a worker stopped meanwhile loses none of them
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +32,7 @@ from promptcache.semantic.embeddings import CachedEmbedder, EmbeddingError, not_
 from promptcache.semantic.index import Meta, Neighbour, VectorIndex
 from promptcache.semantic.store import Record, SemanticStore
 from promptcache.semantic.verifier import request_core, verify
+from schemas.events import ChangeEvent
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +59,9 @@ class SemanticTier:
         self.ready = False
         self.deferring = 0  # defer() calls in flight (the indexing task waits for them)
         self.deferred_indexing: asyncio.Task[int] | None = None  # started by `warm`
+        # told of entries indexed after they were stored (deferred while a model loaded), so
+        # their durable copy can be written: the wiring publishes `entry_embedded` events
+        self.on_embedded: Callable[[Sequence[ChangeEvent]], Awaitable[None]] | None = None
 
     async def warm(self) -> None:
         """Load the model (or learn the remote model's dimension); exact-only until done."""
@@ -249,10 +254,24 @@ class SemanticTier:
                           if k and not_embeddable(request_core(c)) is None]
                 vectors = await self.embedder.embed_many(
                     [request_core(c) for _, _, _, c in usable], urgent=False) if usable else []
+                embedded: list[ChangeEvent] = []
                 for (entry_id, key, params_key, canonical), vector in zip(usable, vectors,
                                                                            strict=True):
-                    added += await self._store(entry_id, key, params_key, canonical, vector,
-                                               swallow=False)
+                    if await self._store(entry_id, key, params_key, canonical, vector,
+                                         swallow=False):
+                        added += 1
+                        embedded.append(ChangeEvent(
+                            type="entry_embedded", entry_id=entry_id, at=time.time(),
+                            cache_key=key, canonical_prompt=canonical, partition=params_key,
+                            embedding_model=self.embedder.model,
+                            embedding=base64.b64encode(
+                                np.asarray(vector, dtype="<f4").tobytes()).decode()))
+                if embedded and self.on_embedded is not None:
+                    try:
+                        await self.on_embedded(embedded)
+                    except (RedisError, OSError) as exc:  # the index has them; only the copy
+                        log.warning("semantic_embedded_not_published", error=str(exc),
+                                    entries=len(embedded))
                 await self.store.undefer([entry_id for entry_id, _, _, _ in batch])
         except (EmbeddingError, RedisError, OSError) as exc:
             log.warning("semantic_deferred_failed", error=str(exc), indexed=added,

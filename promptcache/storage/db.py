@@ -177,7 +177,10 @@ class MetadataStore:
                  json.dumps(e.params or {}), e.optimizer_version, e.generator, e.blob_sha256,
                  e.content_type, e.width, e.height, e.image_bytes, e.thumbnail_bytes,
                  e.generation_ms, _ts(e.at), e.scope) for e in stored], 17))
-        embedded = [e for e in stored if e.embedding and e.partition
+        # the vector's durable copy: with the entry, or later (`entry_embedded`: the entry was
+        # stored while the model loaded and indexed once it was ready)
+        embedded = [e for e in events if e.type in ("entry_stored", "entry_embedded")
+                    and e.embedding and e.partition
                     and e.embedding_model and e.canonical_prompt is not None]
         if embedded:
             vector_type = await self._embedding_type(cur)
