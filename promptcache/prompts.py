@@ -93,19 +93,20 @@ def canonical_of_clean(text: str) -> str:
     return text
 
 
-_LEADING_ARTICLE = re.compile(r"^(?:a|an|the) (?=[^\s\"'])")
+_LEADING_ARTICLE = re.compile(r"^(?:a|an) (?=[^\s\"'])")
 
 
 def key_text(canonical: str) -> str:
-    """The canonical prompt as the exact key reads it: without one leading article.
+    """The canonical prompt as the exact key reads it: without one leading indefinite article.
 
-    "Man", "a man" and "the man" ask for the same picture, and a one-word prompt never reaches
-    the semantic tier (its embedding means nothing), so the exact key is where they must meet:
-    a determiner-only difference at the start is an exact match. Only the first word: an
+    "Man" and "a man" ask for the same picture, and a one-word prompt never reaches the semantic
+    tier (its embedding means nothing), so the exact key is where they must meet: "a"/"an" at
+    the start is an exact match. Not "the": it starts names of different things ("The Rock",
+    "The Who", "The Office" are not a rock, who, an office). Only the first word: an
     article inside the prompt can be content ("the letter a", "vitamin a", "plan a"), and
     differences there are the semantic tier's (its verifier ignores articles). A quoted start
     is drawn text and stays."""
-    return _LEADING_ARTICLE.sub("", canonical, count=1) if canonical[:1] in "at" else canonical
+    return _LEADING_ARTICLE.sub("", canonical, count=1) if canonical[:1] == "a" else canonical
 
 
 _SAMPLER_ALIASES = {

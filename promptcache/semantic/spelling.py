@@ -87,9 +87,14 @@ def correct_word(word: str) -> str:
 def corrected(text: str) -> str:
     """`text` with its unknown lower-case words of four letters or more spelled as their most
     likely known word (quoted text is drawn text: left as written)."""
-    if '"' in text:
-        parts = _QUOTED.split(text)
-        return "".join(p if i % 2 else corrected(p) for i, p in enumerate(parts))
+    if '"' not in text:
+        return _spelled(text)
+    # quoted stretches stay as written; an unmatched quote is plain text (never a recursion)
+    parts = _QUOTED.split(text)
+    return "".join(p if i % 2 else _spelled(p) for i, p in enumerate(parts))
+
+
+def _spelled(text: str) -> str:
     return _WORD.sub(lambda m: correct_word(m.group(0)), text)
 
 

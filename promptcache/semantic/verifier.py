@@ -278,7 +278,8 @@ def _is_typo(x: str, y: str) -> bool:
                 short, long_ = sorted((vx, vy), key=len)
                 if (len(long_) == 4 and short[0] == long_[0] and not lx.known_word(short)
                         and (_VOWELS.isdisjoint(short) or frequency(long_) >= _COMMON)
-                        and lx.known_word(long_) and lx.edit_distance(short, long_, 1) <= 1):
+                        and lx.known_word(long_) and lx.edit_distance(short, long_, 1) <= 1
+                        and _one_letter_fills(short) == {long_}):
                     return True
                 continue
             if min(len(vx), len(vy)) >= 4 and (
@@ -490,3 +491,10 @@ def _refuse(left_a: list[str], left_b: list[str], sa, sb) -> Verdict:
         return Verdict(False, "count", "singular/plural " + detail)
     extras = [(t, _segment_of(t, sa)) for t in left_a] + [(t, _segment_of(t, sb)) for t in left_b]
     return Verdict(False, _pick_reason(extras), detail)
+
+
+def _one_letter_fills(short: str) -> set[str]:
+    """The known words one added letter makes of `short`: a three-letter slip is a typo of a
+    word only when no other word is as near ("pnk" could be "pink" or "punk": refused)."""
+    return {w for i in range(len(short) + 1) for c in "abcdefghijklmnopqrstuvwxyz"
+            if lx.known_word(w := short[:i] + c + short[i:])}
