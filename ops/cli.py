@@ -152,8 +152,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _redact(url: str | None) -> str:
-    """A URL without its password."""
-    return re.sub(r"(//[^:/@]*:)[^@/]+@", r"\1***@", url or "")
+    """A URL or a libpq conninfo without its password: the userinfo's (up to the last "@"
+    before the host), a `password=` query parameter, and a conninfo's `password=` field."""
+    text = url or ""
+    text = re.sub(r"(//[^:/@]*:)\S*@", r"\1***@", text)  # greedy: a password may hold "@" or "/"
+    text = re.sub(r"([?&;]password=)[^&;]*", r"\1***", text, flags=re.IGNORECASE)
+    return re.sub(r"(\bpassword\s*=\s*)('[^']*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
 
 
 def _bad_settings(exc: ValidationError) -> str:
@@ -164,16 +168,21 @@ def _bad_settings(exc: ValidationError) -> str:
         env = {"redis_url": "REDIS_URL", "cache_redis_url": "CACHE_REDIS_URL",
                "database_url": "DATABASE_URL"}.get(field, f"PROMPTCACHE_{field.upper()}")
         value = error.get("input")
-        shown = "" if isinstance(value, dict) else f"={value!r}"
+        secret = field.endswith(("url", "key", "token")) or "password" in field
+        shown = "" if isinstance(value, dict) else (
+            f"={_redact(str(value))!r}" if secret and "url" in field
+            else "=<hidden>" if secret else f"={value!r}")
         parts.append(f"{field} ({env}{shown}): {error['msg']}")
     return "bad setting " + "; ".join(parts)
 
 
 def _with_running_stack(settings: Settings) -> Settings:
-    """REDIS_URL / DATABASE_URL from the state file of a running `promptcache up`, where unset."""
+    """REDIS_URL and DATABASE_URL from the state file of a running `promptcache up`, when none
+    of REDIS_URL, CACHE_REDIS_URL and DATABASE_URL is set."""
     from ops.stack_state import StaleState, read_state
 
-    if settings.redis_url and settings.database_url:
+    if settings.redis_url or settings.database_url or settings.cache_redis_url:
+        # any server given explicitly: never mix it with a local stack's other servers
         return settings
     try:
         state = read_state(settings.data_dir)
