@@ -128,6 +128,21 @@ class BlobStore:
         name = f"{sha256}.{EXTENSIONS.get(content_type, 'png')}"
         return self._shard(self.images_dir, name).exists()
 
+    def walk(self) -> list[tuple[str, str, Path]]:
+        """Every stored file as (sha256, content type, path): images, thumbnails, leftovers."""
+        found = []
+        for root in (self.images_dir, self.thumbnails_dir):
+            if not root.is_dir():
+                continue
+            for path in root.glob("*/*/*"):
+                match = _NAME.match(path.name)
+                if match:
+                    kind = CONTENT_TYPES[match["ext"]] if root == self.images_dir else "thumbnail"
+                    found.append((match["sha"], kind, path))
+                elif path.name.endswith(".tmp"):
+                    found.append(("", "temporary", path))
+        return found
+
     def listing(self) -> Iterator[Listed]:
         """Every stored file (images, thumbnails, leftover `.tmp`s), named by its path."""
         for root in (self.images_dir, self.thumbnails_dir):
