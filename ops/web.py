@@ -15,9 +15,9 @@ import hmac
 import json
 import re
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -79,8 +79,9 @@ def build_app(*, blobs: Blobs, redis: aioredis.Redis | None, keys: Keys,
     async def _file(locate: Callable[[str], Path | str | None], name: str) -> Response:
         """A local file is sent; an object store's image is a redirect to its presigned URL
         (looked up in a thread: a HEAD and a signature), after the same flag check."""
-        where = await asyncio.to_thread(locate, name) if not isinstance(blobs, BlobStore) \
-            else locate(name)
+        # a local lookup is a stat, kept on the loop as before; S3 is a network round trip
+        where = locate(name) if isinstance(blobs, BlobStore) else \
+            await asyncio.to_thread(locate, name)
         if where is None or (isinstance(where, Path) and not where.is_file()):
             return PlainTextResponse("not found\n", status_code=404)
         if await _flagged(name):
