@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 
 from promptcache.cache.registry import EntryRegistry, Eviction
 from promptcache.keys import JANITOR_GROUP, Keys
-from promptcache.storage.blobs import BlobStore
+from promptcache.storage.store import Blobs
 from consumers.group import GroupLoop, Stopper
 from promptcache.streams import Delivery, GroupReader, flush_outbox, next_id, older_id
 from schemas.events import ChangeEvent
@@ -61,7 +61,7 @@ async def safe_trim_id(redis: aioredis.Redis, stream: str) -> str | None:
 
 class Janitor:
     def __init__(self, *, redis: aioredis.Redis, keys: Keys, consumer: str,
-                 registry: EntryRegistry | None = None, blobs: BlobStore | None = None,
+                 registry: EntryRegistry | None = None, blobs: Blobs | None = None,
                  ttl: timedelta = timedelta(days=30),
                  interval: timedelta = timedelta(seconds=30),
                  lock_ttl: timedelta = timedelta(seconds=60),
@@ -217,17 +217,13 @@ class Janitor:
             return 0, 0
         used = await self.registry.blob_shas()
         cutoff = time.time() - self.orphan_grace.total_seconds()
-        files = await asyncio.to_thread(self.blobs.walk)
-        removed_files = 0
-        for sha, _, path in files:
-            if sha in used:
-                continue
-            try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed_files += 1
-            except FileNotFoundError:
-                pass
+        blobs = self.blobs
+        stale = await asyncio.to_thread(
+            lambda: [item.name for item in blobs.listing()
+                     if item.sha256 not in used and item.modified < cutoff])
+        for name in stale:
+            await asyncio.to_thread(blobs.delete_name, name)
+        removed_files = len(stale)
         stored, removed_entries = await self.registry.reconcile(
             grace_s=self.orphan_grace.total_seconds())
         if removed_files or removed_entries:

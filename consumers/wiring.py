@@ -34,6 +34,7 @@ from promptcache.semantic import store as semantic_store
 from promptcache.semantic.store import IndexFollower, SemanticStore
 from promptcache.semantic.tier import SemanticTier
 from promptcache.storage.blobs import BlobStore
+from promptcache.storage.store import Blobs
 from promptcache.storage.db import MetadataStore
 from consumers.worker import Worker, consumer_name
 from schemas.events import ChangeEvent
@@ -69,11 +70,16 @@ def cache_client(url: str, settings: Settings) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
-def blob_store(settings: Settings) -> BlobStore:
+def blob_store(settings: Settings) -> Blobs:
+    """PROMPTCACHE_BLOBS: the local directories (default) or an S3-compatible bucket."""
+    if settings.blobs.startswith("s3://"):
+        from promptcache.storage.s3 import S3BlobStore  # obstore only loaded when used
+
+        return S3BlobStore(settings.blobs)
     return BlobStore(settings.images_dir, settings.thumbnails_dir)
 
 
-def registry(cache_redis: aioredis.Redis, keys: Keys, blobs: BlobStore,
+def registry(cache_redis: aioredis.Redis, keys: Keys, blobs: Blobs,
              settings: Settings) -> EntryRegistry:
     """The registry, and the semantic tier's vectors forgotten in the step that evicts."""
     return EntryRegistry(cache_redis, keys, blobs, limit_bytes=int(settings.storage_limit),
@@ -141,7 +147,7 @@ class SemanticLoop:
 
 
 # what the pipeline needs from the process for its guarantees
-def pipeline_guards(settings: Settings, redis: aioredis.Redis, keys: Keys, blobs: BlobStore,
+def pipeline_guards(settings: Settings, redis: aioredis.Redis, keys: Keys, blobs: Blobs,
                     entries: EntryRegistry | None) -> dict[str, Any]:
     """Pipeline keyword arguments: `publish_changes` writes change events (evictions) to the
     change stream at once, whatever later happens to the request; `bypass` deletes images

@@ -381,9 +381,11 @@ async def _submit(args: argparse.Namespace, settings: Settings) -> int:
         ext = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}[
             result.content_type or "image/png"]
         sha = (result.image_url or "").rsplit("/", 1)[-1].split(".")[0]
-        path = blob_store(settings).image_path(f"{sha}.{ext}")
-        if path is not None and path.exists():
-            print(f"image file: {path}", file=sys.stderr)
+        where = blob_store(settings).image_location(f"{sha}.{ext}")
+        if isinstance(where, str):
+            print(f"image object (presigned): {where}", file=sys.stderr)
+        elif where is not None and where.exists():
+            print(f"image file: {where}", file=sys.stderr)
     return RET_OK if result.status == "ok" else RET_ERROR
 
 

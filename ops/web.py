@@ -15,6 +15,7 @@ import hmac
 import json
 import re
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import (FileResponse, JSONResponse, PlainTextResponse, RedirectResponse,
+                                 Response)
 from starlette.routing import Route
 
 from ops import status as overview
@@ -36,6 +38,7 @@ from promptcache.cache.registry import EntryRegistry
 from promptcache.keys import REQUESTS_GROUP, Keys
 from promptcache.signing import UrlSigner, Verdict
 from promptcache.storage.blobs import CONTENT_TYPES, BlobStore
+from promptcache.storage.store import Blobs
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +55,7 @@ def _error(status: int, code: str, message: str, **headers: str) -> JSONResponse
                         headers=headers or None)
 
 
-def build_app(*, blobs: BlobStore, redis: aioredis.Redis | None, keys: Keys,
+def build_app(*, blobs: Blobs, redis: aioredis.Redis | None, keys: Keys,
               metrics: CollectorRegistry | None = None, cache: aioredis.Redis | None = None,
               registry: EntryRegistry | None = None, database_url: str | None = None,
               admin_token: str | None = None, storage_limit: int = 0, generator: str = "",
@@ -73,13 +76,20 @@ def build_app(*, blobs: BlobStore, redis: aioredis.Redis | None, keys: Keys,
             log.warning("flag_check_unavailable", error=str(exc))
             return False
 
-    async def _file(path: Path | None, name: str) -> Response:
-        if path is None or not path.is_file():
+    async def _file(locate: Callable[[str], Path | str | None], name: str) -> Response:
+        """A local file is sent; an object store's image is a redirect to its presigned URL
+        (looked up in a thread: a HEAD and a signature), after the same flag check."""
+        # a local lookup is a stat, kept on the loop as before; S3 is a network round trip
+        where = locate(name) if isinstance(blobs, BlobStore) else \
+            await asyncio.to_thread(locate, name)
+        if where is None or (isinstance(where, Path) and not where.is_file()):
             return PlainTextResponse("not found\n", status_code=404)
         if await _flagged(name):
             return PlainTextResponse("gone: this image was flagged as bad\n", status_code=410)
+        if isinstance(where, str):
+            return RedirectResponse(where, status_code=302, headers=_NO_STORE)
         ctype = CONTENT_TYPES[name.rsplit(".", 1)[1]]
-        return FileResponse(path, media_type=ctype, headers=_IMMUTABLE)
+        return FileResponse(where, media_type=ctype, headers=_IMMUTABLE)
 
     def _unsigned(request: Request, path: str) -> Response | None:
         """None when the URL's signature is valid (or signing is off); else the 403."""
@@ -99,13 +109,13 @@ def build_app(*, blobs: BlobStore, redis: aioredis.Redis | None, keys: Keys,
         name = request.path_params["name"]
         if (refused := _unsigned(request, f"/images/{name}")) is not None:
             return refused
-        return await _file(blobs.image_path(name), name)
+        return await _file(blobs.image_location, name)
 
     async def thumbnail(request: Request) -> Response:
         name = request.path_params["name"]
         if (refused := _unsigned(request, f"/thumbnails/{name}")) is not None:
             return refused
-        return await _file(blobs.thumbnail_path(name), name)
+        return await _file(blobs.thumbnail_location, name)
 
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "alive"})

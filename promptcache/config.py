@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     prefix: str = "promptcache"
     data_dir: Path = Field(default_factory=_default_data_dir)
     migrations_dir: Path = Path(__file__).resolve().parent.parent / "migrations"
+    # where images live: "file" = data_dir/images and data_dir/thumbnails; "s3://bucket/prefix"
+    # = an S3-compatible bucket, with the standard AWS_* variables (AWS_ENDPOINT_URL, ...)
+    blobs: str = Field("file", pattern=r"^(file|s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?)$")
 
     embedded_redis_port: int = Field(8751, ge=0, le=65535)  # `up` without REDIS_URL; 0 = any free
 

@@ -33,7 +33,8 @@ from promptcache.quality import QualityGate
 from promptcache.flight.similar import SimilarFlights
 from promptcache.semantic.tier import SemanticTier
 from promptcache.signing import UrlSigner
-from promptcache.storage.blobs import BlobStore, StoredBlob
+from promptcache.storage.blobs import StoredBlob
+from promptcache.storage.store import Blobs
 from promptcache.thumbnails import make_thumbnail
 from schemas.events import CacheStatus, ChangeEvent, Params, Request, Result
 
@@ -102,7 +103,7 @@ class Pipeline:
       meanwhile), then generate, store, and describe the new entry.
     """
 
-    def __init__(self, *, generator: Generator, exact: ExactCache | None, blobs: BlobStore,
+    def __init__(self, *, generator: Generator, exact: ExactCache | None, blobs: Blobs,
                  public_url: str, thumbnail_size: int = 256, signer: UrlSigner | None = None,
                  scope_limit_bytes: int = 0,
                  registry: EntryRegistry | None = None,
@@ -345,7 +346,8 @@ class Pipeline:
         except CacheUnavailable as exc:
             log.warning("cache_unavailable", error=str(exc))
             return None
-        if entry is None or not self.blobs.exists(entry.blob_sha256, entry.content_type):
+        if entry is None or not await asyncio.to_thread(
+                self.blobs.exists, entry.blob_sha256, entry.content_type):
             return None
         return Shared(entry, "semantic", holder.similarity, holder.prompt)
 

@@ -23,13 +23,14 @@ import structlog
 from redis.exceptions import RedisError
 
 from promptcache.cache.registry import EntryRegistry
-from promptcache.storage.blobs import BlobStore, StoredBlob
+from promptcache.storage.blobs import StoredBlob
+from promptcache.storage.store import Blobs
 
 log = structlog.get_logger(__name__)
 
 
 class BypassImages:
-    def __init__(self, blobs: BlobStore, registry: EntryRegistry | None, *, keep_s: float,
+    def __init__(self, blobs: Blobs, registry: EntryRegistry | None, *, keep_s: float,
                  budget_bytes: int) -> None:
         self.blobs = blobs
         self.registry = registry

@@ -35,7 +35,7 @@ import structlog
 
 from promptcache.cache.compare import COMPARE_AND_DELETE
 from promptcache.keys import Keys
-from promptcache.storage.blobs import BlobStore
+from promptcache.storage.store import Blobs
 from schemas.events import ChangeEvent
 
 log = structlog.get_logger(__name__)
@@ -211,7 +211,7 @@ class Forget:
 
 
 class EntryRegistry:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, blobs: BlobStore, *,
+    def __init__(self, redis: aioredis.Redis, keys: Keys, blobs: Blobs, *,
                  limit_bytes: int, forget: Forget | None = None) -> None:
         self.redis = redis
         self.keys = keys
@@ -396,7 +396,8 @@ class EntryRegistry:
         cutoff = time.time() - grace_s
         async for raw_id, raw in self.redis.hscan_iter(self.keys.entries):
             entry = Registered.from_json(raw_id.decode(), raw)
-            if entry.created < cutoff and not self.blobs.exists(entry.blob, entry.content_type):
+            if entry.created < cutoff and not await asyncio.to_thread(
+                    self.blobs.exists, entry.blob, entry.content_type):
                 await self.evict(entry.entry_id, reason="blob_missing")
                 removed += 1
         total = int(await self._reconcile(

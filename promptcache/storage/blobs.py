@@ -1,4 +1,5 @@
-"""Content-addressed image blobs on the local filesystem.
+"""Content-addressed image blobs on the local filesystem (the default store; see store.py for
+the interface it shares with the S3 store).
 
 An image is stored once under `images/ab/cd/<sha256>.<ext>` with its WebP thumbnail under
 `thumbnails/ab/cd/<sha256>.webp`; writes go to a temporary file and are renamed into place, so a
@@ -11,12 +12,41 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 CONTENT_TYPES = {ext: ctype for ctype, ext in EXTENSIONS.items()}
 _NAME = re.compile(r"^(?P<sha>[0-9a-f]{64})\.(?P<ext>png|jpg|webp)$")
+
+
+class Listed(NamedTuple):
+    """One stored object for the orphan sweep: its sha256 ("" for a leftover temporary file),
+    the store's name for it (pass it to `delete_name`) and when it was written (epoch s)."""
+
+    sha256: str
+    name: str
+    modified: float
+
+
+def parse_name(name: str) -> tuple[str, str] | None:
+    """(sha256, extension) of a public name such as `<sha256>.png`, None for anything else."""
+    match = _NAME.match(name)
+    return (match["sha"], match["ext"]) if match else None
+
+
+def shard(name: str) -> str:
+    """`ab/cd/<name>`: where a blob lives under its root (images or thumbnails)."""
+    return f"{name[:2]}/{name[2:4]}/{name}"
+
+
+def describe(data: bytes, content_type: str, thumbnail: bytes) -> StoredBlob:
+    """Name and sizes of an image before it is written (to reserve its bytes first)."""
+    if content_type not in EXTENSIONS:
+        raise ValueError(f"unsupported content type {content_type!r}")
+    return StoredBlob(hashlib.sha256(data).hexdigest(), content_type, len(data), len(thumbnail))
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,13 +102,13 @@ class BlobStore:
         path = self._shard(root, name).resolve()
         return path if path.is_relative_to(root) else None
 
-    @staticmethod
-    def describe(data: bytes, content_type: str, thumbnail: bytes) -> StoredBlob:
-        """Name and sizes of an image before it is written (to reserve its bytes first)."""
-        if content_type not in EXTENSIONS:
-            raise ValueError(f"unsupported content type {content_type!r}")
-        return StoredBlob(hashlib.sha256(data).hexdigest(), content_type, len(data),
-                          len(thumbnail))
+    describe = staticmethod(describe)
+
+    def image_location(self, name: str) -> Path | None:
+        return self.image_path(name)
+
+    def thumbnail_location(self, name: str) -> Path | None:
+        return self.thumbnail_path(name)
 
     def put(self, data: bytes, content_type: str, thumbnail: bytes) -> StoredBlob:
         """Store an image and its thumbnail (sync; run in a thread). Idempotent."""
@@ -112,6 +142,27 @@ class BlobStore:
                 elif path.name.endswith(".tmp"):
                     found.append(("", "temporary", path))
         return found
+
+    def listing(self) -> Iterator[Listed]:
+        """Every stored file (images, thumbnails, leftover `.tmp`s), named by its path."""
+        for root in (self.images_dir, self.thumbnails_dir):
+            if not root.is_dir():
+                continue
+            for path in root.glob("*/*/*"):
+                match = _NAME.match(path.name)
+                if not match and not path.name.endswith(".tmp"):
+                    continue
+                try:
+                    modified = path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                yield Listed(match["sha"] if match else "", str(path), modified)
+
+    def delete_name(self, name: str) -> None:
+        path = Path(name).resolve()
+        if not any(path.is_relative_to(root) for root in (self.images_dir, self.thumbnails_dir)):
+            raise ValueError(f"{name!r} is not inside this store")
+        path.unlink(missing_ok=True)
 
     def delete(self, sha256: str, content_type: str) -> int:
         """Remove an image and its thumbnail; returns the bytes freed. Safe to repeat."""
