@@ -207,10 +207,16 @@ class Worker:
                 else:
                     lookups.append((delivery, prepared))
             except Exception as exc:  # noqa: BLE001 - one bad entry must not fail its batch
-                self.counters["retry_later"] += 1  # left pending: redelivered, then dead-lettered
                 log.exception("request_failed_left_pending", error=str(exc),
                               message_id=delivery.message_id,
                               times_delivered=delivery.times_delivered)
+                if delivery.times_delivered > self.max_deliveries:  # it will never work: out
+                    await self._guard(delivery, self._dead_letter(source, delivery, ErrorInfo(
+                        code="delivery_limit_exceeded",
+                        message=f"processing failed {delivery.times_delivered - 1} times: "
+                                f"{type(exc).__name__}: {exc}"[:500])))
+                else:
+                    self.counters["retry_later"] += 1  # left pending: redelivered
         if lookups:
             found = await self._retrying(lambda: self.pipeline.lookup_many(
                 [p for _, p in lookups]))

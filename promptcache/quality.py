@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import RedisError
 from PIL import Image
 
 from promptcache.errors import ConfigError, ImageRejected
@@ -69,14 +70,20 @@ class Inspection:
     brisque: float | None = None
 
 
-def decode(data: bytes, content_type: str) -> Image.Image:
-    """The image fully decoded (every byte read: a truncated file fails here), in RGB."""
+def decode(data: bytes, content_type: str,
+           size: tuple[int, int] | None = None) -> Image.Image:
+    """The image fully decoded (every byte read: a truncated file fails here), in RGB. With
+    `size`, an image of another size is refused from its header, before its pixels are decoded
+    (a huge image costs nothing)."""
     expected = FORMATS.get(content_type)
     try:
         with Image.open(io.BytesIO(data)) as image:
             if expected is not None and image.format != expected:
                 raise ImageRejected("undecodable", f"the generator said {content_type} but "
                                     f"the bytes are {image.format or 'unknown'}")
+            if size is not None and image.size != size:
+                raise ImageRejected("wrong_size", f"the image is {image.size[0]}x"
+                                    f"{image.size[1]}; asked for {size[0]}x{size[1]}")
             image.load()
             return image.convert("RGB")
     except ImageRejected:
@@ -101,7 +108,7 @@ def inspect(data: bytes, content_type: str, *, expected: tuple[int, int],
             reported: tuple[int, int], policy: GatePolicy,
             brisque: BrisqueScore | None = None) -> Inspection:
     """Check one image; raises ImageRejected with the first reason it fails."""
-    image = decode(data, content_type)
+    image = decode(data, content_type, expected if expected == reported else None)
     size = image.size
     if size != expected or size != reported:
         raise ImageRejected("wrong_size", f"the image is {size[0]}x{size[1]}; asked for "
@@ -114,7 +121,11 @@ def inspect(data: bytes, content_type: str, *, expected: tuple[int, int],
                             "safety-checker frame, a flat frame or a failed sampler")
     score: float | None = None
     if policy.brisque_max is not None and brisque is not None:
-        score = brisque(np.asarray(image))
+        try:
+            score = brisque(np.asarray(image))
+        except Exception as exc:  # noqa: BLE001 - a scorer failure is not the image's fault
+            log.warning("brisque_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+            return Inspection(size[0], size[1], value, None)
         if score is None or score > policy.brisque_max:
             shown = "undefined" if score is None else f"{score:.1f}"
             raise ImageRejected("low_quality", f"BRISQUE {shown} above the limit "
@@ -157,13 +168,16 @@ class RejectionCounter:
     """Rejections by reason: HINCRBY on one hash where the rejection happens (the streams
     Redis, beside the result counters). Each rejected image counts once; a request that is
     redelivered and generated again counts its new image too. When the streams Redis cannot
-    take the increment, its error leaves the request pending, like any streams outage."""
+    take the increment, the count is lost (logged); the request is still answered."""
 
     redis: aioredis.Redis
     key: str
 
     async def add(self, reason: str) -> None:
-        await self.redis.hincrby(self.key, reason, 1)
+        try:
+            await self.redis.hincrby(self.key, reason, 1)
+        except (RedisError, OSError) as exc:  # a lost count, not a lost answer
+            log.warning("rejection_not_counted", reason=reason, error=str(exc))
 
 
 class QualityGate:

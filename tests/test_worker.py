@@ -542,3 +542,24 @@ async def test_one_entry_failing_unexpectedly_does_not_fail_its_batch(redis, key
     pending = await redis.xpending_range(keys.requests, REQUESTS_GROUP, "-", "+", 10)
     assert len(pending) == 1  # left for a redelivery (and, past max_deliveries, a dead letter)
     assert worker.counters["retry_later"] == 1
+
+
+async def test_an_entry_that_keeps_failing_unexpectedly_is_dead_lettered(redis, keys, settings,
+                                                                         monkeypatch):
+    """A failure before the delivery limit is even checked (decoding raised): past the limit
+    the entry is dead-lettered, not redelivered for ever."""
+    from consumers import worker as worker_module
+
+    worker = worker_for(settings, redis, CountingGenerator())
+    worker.max_deliveries = 0  # its first delivery is already past the limit
+
+    def exploding(fields, own_prefix=None):
+        raise KeyError("unexpected")
+
+    monkeypatch.setattr(worker_module.intake, "decode", exploding)
+    await send(redis, keys.requests, request_id="bad", prompt="boom")
+    await worker.run(burst=True)
+    letters = await dead_letters(redis, keys.dead_letter)
+    assert len(letters) == 1 and letters[0]["error"]["code"] == "delivery_limit_exceeded"
+    assert "KeyError" in letters[0]["error"]["message"]
+    assert (await redis.xpending(keys.requests, REQUESTS_GROUP))["pending"] == 0

@@ -273,8 +273,9 @@ class SemanticTier:
                         log.warning("semantic_embedded_not_published", error=str(exc),
                                     entries=len(embedded))
                 await self.store.undefer([entry_id for entry_id, _, _, _ in batch])
-        except (EmbeddingError, RedisError, OSError) as exc:
-            log.warning("semantic_deferred_failed", error=str(exc), indexed=added,
+        except Exception as exc:  # noqa: BLE001 - the rest stay deferred for the next `warm`
+            log.warning("semantic_deferred_failed", error=f"{type(exc).__name__}: {exc}"[:300],
+                        indexed=added,
                         detail="the rest are indexed by the next worker to load its model")
         if added:
             log.info("semantic_deferred_indexed", entries=added)
