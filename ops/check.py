@@ -21,11 +21,12 @@ stop, a small cap and a short TTL) and runs all five. Against a running stack it
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import random
 import shutil
-import statistics
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from ops.demo import load_prompts, shared_prompts_dir
 from ops.embedded_servers import EmbeddedValkey, free_port
 from promptcache.client import collect, last_id, publish
 from promptcache.config import Settings
+from promptcache.errors import ConfigError
 from promptcache.keys import Keys
 from schemas.events import Request, Result
 
@@ -352,9 +354,32 @@ def check(settings: Settings, *, count: int = 100, seed: int = 17,
 
 def _own_stack(settings: Settings, count: int, seed: int, say: Callable[[str], None],
                outcome: Outcome) -> None:
+    base = settings.data_dir / "check"
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(settings.data_dir / "check.lock", "w")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ConfigError(f"another `promptcache check` is running on "
+                          f"{settings.data_dir}") from None
+
+    def interrupted(signum: int, _frame: object) -> None:  # SIGTERM/SIGHUP: clean up too
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        _run_own_stack(settings, base, count, seed, say, outcome)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        lock.close()
+
+
+def _run_own_stack(settings: Settings, base: Path, count: int, seed: int,
+                   say: Callable[[str], None], outcome: Outcome) -> None:
     from ops.up import Stack
 
-    base = settings.data_dir / "check"
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     if (settings.data_dir / "models").is_dir():  # the exported embedding model: not again

@@ -47,13 +47,19 @@ def state_path(data_dir: Path) -> Path:
 
 
 def _alive(pid: int) -> bool:
+    """The `promptcache up` that wrote the file still runs: a process with that id, of this
+    user, whose command line says `up` (after a reboot the id may name another process)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # someone else's process with that id: treat as running
-    return True
+        return False  # another user's process: not the `up` this user started
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc here: the process id is all there is to go on
+    return b"up" in args
 
 
 def read_state(data_dir: Path) -> StackState | None:

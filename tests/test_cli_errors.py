@@ -129,3 +129,37 @@ def test_logs_are_console_lines_on_a_terminal_and_json_otherwise(tmp_path, redis
     assert code == 0
     started = [ln for ln in forced.splitlines() if "janitor_started" in ln]
     assert len(started) == 1 and json.loads(started[0])["event"] == "janitor_started", forced
+
+
+def test_a_state_file_naming_a_live_process_that_is_no_up_is_stale(tmp_path):
+    """After a reboot the recorded process id can belong to anything: only an `up` counts."""
+    import os
+
+    from ops.stack_state import StackState, StaleState, read_state
+
+    StackState(pid=os.getpid(), redis_url="redis://127.0.0.1:1/0", database_url="",
+               web_url="", started_at=0.0).write(tmp_path)
+    try:
+        read_state(tmp_path)
+    except StaleState as exc:
+        assert "no longer running" in str(exc)
+    else:
+        raise AssertionError("a test process was taken for a running `promptcache up`")
+
+
+def test_two_checks_on_one_data_dir_do_not_run_at_once(tmp_path, keys):
+    """A second `promptcache check` would delete the first one's stack under it: refused."""
+    import fcntl
+
+    import pytest
+
+    from ops import check
+    from promptcache.errors import ConfigError
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path, "redis://127.0.0.1:1/0", keys)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.data_dir / "check.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="another `promptcache check`"):
+            check._own_stack(settings, 10, 1, print, check.Outcome())
