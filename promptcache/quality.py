@@ -85,12 +85,23 @@ def decode(data: bytes, content_type: str,
                 raise ImageRejected("wrong_size", f"the image is {image.size[0]}x"
                                     f"{image.size[1]}; asked for {size[0]}x{size[1]}")
             image.load()
-            return image.convert("RGB")
+            return _as_rgb(image)
     except ImageRejected:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad data
         raise ImageRejected("undecodable", f"the bytes do not decode as an image "
                             f"({type(exc).__name__}: {str(exc)[:120]})") from exc
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit and 32-bit grey images are scaled to 8 bits first: Pillow's plain
+    conversion clips them, and a well-exposed 16-bit image would come out near-white."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        grey = np.clip(values * (255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return image.convert("RGB")
 
 
 def spread(image: Image.Image) -> float:

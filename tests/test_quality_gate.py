@@ -270,3 +270,21 @@ async def test_brisque_limit_from_the_settings_rejects_through_the_worker(
     await worker_for(lenient, redis, gen).run(burst=True)
     [cached] = await results_for(redis, keys.results, "b2")
     assert cached.status == "ok" and cached.cache == "miss"  # the rejected one left nothing
+
+
+def test_a_16_bit_grey_picture_is_judged_on_its_content():
+    """A well-exposed 16-bit grey gradient is a picture, not a flat frame (Pillow's plain RGB
+    conversion clips it to near-white)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from promptcache.quality import GatePolicy, inspect
+
+    ramp = np.tile(np.linspace(0, 65535, 256, dtype=np.uint16), (256, 1))
+    out = io.BytesIO()
+    Image.fromarray(ramp).save(out, format="PNG")  # uint16: a 16-bit grey PNG
+    seen = inspect(out.getvalue(), "image/png", expected=(256, 256), reported=(256, 256),
+                   policy=GatePolicy())
+    assert seen.spread > 50
