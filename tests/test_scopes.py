@@ -14,21 +14,9 @@ import redis.asyncio as aioredis
 from consumers.wiring import blob_store, registry
 from promptcache.invalidation import purge
 from promptcache.keys import Keys
-from schemas.events import Result
 from tests.conftest import local_model_settings, make_settings, wait_until
 from tests.helpers import CountingGenerator, results, results_for, send, worker_for
-from tests.test_semantic import answers, semantic_worker
-
-
-async def _answer(redis, keys, rid, prompt, scope=None, **params) -> Result:
-    await send(redis, keys.requests, request_id=rid, prompt=prompt, scope=scope,
-               params=params or {"width": 512, "height": 512})
-
-    async def answered() -> bool:
-        return bool(await results_for(redis, keys.results, rid))
-
-    await wait_until(answered, timeout=60)
-    return (await results_for(redis, keys.results, rid))[0]
+from tests.test_semantic import answers, ask, semantic_worker
 
 
 async def test_nothing_is_served_across_scopes_and_repeats_hit_within_one(redis, keys, settings):
@@ -68,12 +56,12 @@ async def test_rewrites_in_another_scope_are_never_semantic_hits(
     settings = local_model_settings(tmp_path, redis_url, keys, models_dir)
     gen = CountingGenerator()
     async with semantic_worker(settings, redis, gen):
-        first = await _answer(redis, keys, "r1", "a red sports car parked on a wet street at "
+        first = await ask(redis, keys, "r1", "a red sports car parked on a wet street at "
                               "night", scope="tenant-a")
         rewrite = "please draw a red sports car parked on the wet street at night"
-        other = await _answer(redis, keys, "r2", rewrite, scope="tenant-b")
-        shared = await _answer(redis, keys, "r3", rewrite)
-        same = await _answer(redis, keys, "r4", rewrite, scope="tenant-a")
+        other = await ask(redis, keys, "r2", rewrite, scope="tenant-b")
+        shared = await ask(redis, keys, "r3", rewrite)
+        same = await ask(redis, keys, "r4", rewrite, scope="tenant-a")
     assert first.cache == "miss"
     assert other.cache == "miss" and other.entry_id != first.entry_id
     assert shared.cache == "miss" and shared.entry_id not in (first.entry_id, other.entry_id)

@@ -120,9 +120,9 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def ask(redis: aioredis.Redis, keys: Keys, request_id: str, prompt: str,
-              **params: object) -> Result:
-    await send(redis, keys.requests, request_id=request_id, prompt=prompt,
+async def ask(redis: aioredis.Redis, keys: Keys, request_id: str, prompt: str, *,
+              scope: str | None = None, **params: object) -> Result:
+    await send(redis, keys.requests, request_id=request_id, prompt=prompt, scope=scope,
                params=params or {"width": 512, "height": 512})
 
     async def answered() -> bool:

@@ -300,7 +300,8 @@ class CachedEmbedder:
         self.inner = inner
         self._local: OrderedDict[tuple[str, int, str], np.ndarray] = OrderedDict()
         self._size = size
-        self._shared = shared  # EmbeddingStore-like: async get(model, dim, h), put(...)
+        # SemanticStore-like: async get_embeddings(model, dim, hashes), put_embeddings(...)
+        self._shared = shared
 
     @property
     def model(self) -> str:
@@ -325,21 +326,7 @@ class CachedEmbedder:
 
     async def embed_one(self, text: str, *, urgent: bool = True) -> np.ndarray:
         """`urgent`: a request is waiting (a lookup), so it goes before entries being stored."""
-        key = (self.inner.model, self.inner.dim, text_hash(text))
-        if (hit := self._local.get(key)) is not None:
-            self._local.move_to_end(key)
-            return hit
-        if self._shared is not None:
-            shared = await self._shared.get_embedding(*key)
-            if shared is not None:
-                self._remember(key, shared)
-                return shared
-        vector = (await self.inner.embed([text], urgent=urgent))[0]
-        key = (self.inner.model, self.inner.dim, key[2])  # dim may be learnt on first call
-        self._remember(key, vector)
-        if self._shared is not None:
-            await self._shared.put_embedding(*key, vector)
-        return vector
+        return (await self.embed_many([text], urgent=urgent))[0]
 
     async def embed_many(self, texts: Sequence[str], *, urgent: bool = True) -> list[np.ndarray]:
         """`embed_one` for several texts: one shared-cache read, one model call (batched by
@@ -353,7 +340,7 @@ class CachedEmbedder:
                 self._local.move_to_end(key)
             found.append(hit)
         missing = [i for i, v in enumerate(found) if v is None]
-        if missing and self._shared is not None and hasattr(self._shared, "get_embeddings"):
+        if missing and self._shared is not None:
             shared = await self._shared.get_embeddings(model, dim, [keys[i][2] for i in missing])
             for i, vector in zip(missing, shared, strict=True):
                 if vector is not None:
@@ -372,7 +359,7 @@ class CachedEmbedder:
                 key = (model, dim, keys[i][2])
                 self._remember(key, vector)
                 fresh.append((key[2], vector))
-            if self._shared is not None and hasattr(self._shared, "put_embeddings"):
+            if self._shared is not None:
                 await self._shared.put_embeddings(model, dim, fresh)
         return [v for v in found if v is not None]
 

@@ -142,26 +142,9 @@ class SemanticStore:
         if entry_ids:
             await self.redis.hdel(self.keys.semantic_deferred, *entry_ids)
 
-    async def get_embedding(self, model: str, dim: int, text_hash: str) -> np.ndarray | None:
-        try:
-            raw = await self.redis.get(self.keys.embedding(model, dim, text_hash))
-        except (RedisError, OSError):
-            return None
-        if raw is None or len(raw) != 4 * dim:
-            return None
-        return np.frombuffer(raw, dtype="<f4").copy()
-
-    async def put_embedding(self, model: str, dim: int, text_hash: str,
-                            vector: np.ndarray) -> None:
-        try:
-            await self.redis.set(self.keys.embedding(model, dim, text_hash),
-                                 vector.astype("<f4").tobytes(), ex=self.embedding_ttl)
-        except (RedisError, OSError):
-            pass  # a cache of a cache
-
     async def get_embeddings(self, model: str, dim: int,
                              hashes: Sequence[str]) -> list[np.ndarray | None]:
-        """`get_embedding` for several texts in one round trip."""
+        """Cached embeddings of several texts (None where absent) in one round trip."""
         if not hashes:
             return []
         try:

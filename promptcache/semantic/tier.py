@@ -106,35 +106,24 @@ class SemanticTier:
         verdict = verify(candidate, canonical)
         return None if verdict.ok else verdict.reason or "other"
 
-    async def find(self, canonical: str, params_key: str, *, count: bool = True) -> Search:
-        """`count`: add refusals and skips to the counters (once per request, not on the
-        generation stage's second look)."""
-        core = request_core(canonical)
-        if (why := not_embeddable(core)) is not None:
-            if count:
-                await self.store.count(f"skipped:{why}")
-            return Search(skipped=why)
-        partition = self.partition(params_key)
-        if self.ready and not self.index.size(partition):
-            return Search(skipped="empty_partition")  # nothing to compare: no model run
-        vector = await self._vector(core)
-        if vector is None:
-            return Search(skipped="unavailable")
-        neighbours = self.index.search(partition, vector, self.top_k)
+    def _judge(self, partition: str, vector: np.ndarray, canonical: str) -> Search:
+        """The nearest neighbours over the threshold that the verifier lets answer
+        `canonical`, and why the others were refused."""
         accepted: list[Neighbour] = []
         refused: Counter[str] = Counter()
-        for neighbour in neighbours:
+        for neighbour in self.index.search(partition, vector, self.top_k):
             if neighbour.similarity < self.threshold:
                 break
             if (reason := self.refusal(neighbour.meta.prompt, canonical)) is not None:
                 refused[reason] += 1
                 continue
             accepted.append(neighbour)
-        if refused and count:
-            for reason, n in refused.items():
-                await self.store.count(f"refused:{reason}", n)
-            log.debug("semantic_candidates_refused", reasons=dict(refused))
         return Search(accepted, refused)
+
+    async def find(self, canonical: str, params_key: str, *, count: bool = True) -> Search:
+        """The lookup of one prompt (`find_many` of one). `count`: add refusals and skips to
+        the counters (once per request, not on the generation stage's second look)."""
+        return (await self.find_many([(canonical, params_key)], count=count))[0]
 
     async def find_many(self, lookups: Sequence[tuple[str, str]], *,
                         count: bool = True) -> list[Search]:
@@ -165,18 +154,11 @@ class SemanticTier:
             if vectors is None:
                 searches[i] = Search(skipped="unavailable")
                 continue
-            canonical = lookups[i][0]
-            accepted: list[Neighbour] = []
-            refused: Counter[str] = Counter()
-            for neighbour in self.index.search(partition, vectors[n], self.top_k):
-                if neighbour.similarity < self.threshold:
-                    break
-                if (reason := self.refusal(neighbour.meta.prompt, canonical)) is not None:
-                    refused[reason] += 1
-                    continue
-                accepted.append(neighbour)
-            refused_all.update({f"refused:{r}": c for r, c in refused.items()})
-            searches[i] = Search(accepted, refused)
+            search = self._judge(partition, vectors[n], lookups[i][0])
+            refused_all.update({f"refused:{r}": c for r, c in search.refused.items()})
+            if search.refused:
+                log.debug("semantic_candidates_refused", reasons=dict(search.refused))
+            searches[i] = search
         if count:
             await self.store.count_many(skipped + refused_all)
         return [s or Search(skipped="unavailable") for s in searches]
