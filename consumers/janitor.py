@@ -84,15 +84,23 @@ class Janitor:
         self.consumer_idle = consumer_idle
         self.orphan_grace = orphan_grace
         self.orphan_interval = orphan_interval
-        self.reader = GroupReader(redis, keys.changes, JANITOR_GROUP, consumer,
-                                  claim_idle=timedelta(seconds=60), block=block)
         self.stopper = Stopper()
-        self.loop = GroupLoop(self.reader, self.record_uses, name="janitor", batch_size=500,
-                              capacity=500, stopper=self.stopper,
-                              claim_idle=timedelta(seconds=60))
+        # uses are read from every shard's change stream (one loop each)
+        self.loops = [self._uses_loop(shard, block) for shard in keys.all_shards()]
+        self.loop = self.loops[0]
         self.trimmed = 0
         self.evicted: dict[str, int] = {}
         self.uses_recorded = 0
+
+    def _uses_loop(self, shard: Keys, block: timedelta) -> GroupLoop:
+        reader = GroupReader(self.redis, shard.changes, JANITOR_GROUP, self.consumer,
+                             claim_idle=timedelta(seconds=60), block=block)
+
+        async def record(deliveries: list[Delivery]) -> None:
+            await self.record_uses(deliveries, reader)
+
+        return GroupLoop(reader, record, name=f"janitor/{shard.shard}", batch_size=500,
+                         capacity=500, stopper=self.stopper, claim_idle=timedelta(seconds=60))
 
     def stop(self) -> None:
         self.stopper.stop()
@@ -112,19 +120,21 @@ class Janitor:
     async def run(self, *, burst: bool = False) -> None:
         """Record uses continuously; while holding the lock, run the passes every `interval`.
         With burst=True: record every use waiting, run the passes once, return."""
-        await self.loop.ensure_group()
-        log.info("janitor_started", consumer=self.consumer, group=JANITOR_GROUP)
+        for loop in self.loops:
+            await loop.ensure_group()
+        log.info("janitor_started", consumer=self.consumer, group=JANITOR_GROUP,
+                 shards=len(self.loops))
         try:
             if burst:
-                await self.loop.run(burst=True)
+                await asyncio.gather(*(loop.run(burst=True) for loop in self.loops))
                 await self._passes(sweep=True)
                 return
-            uses = asyncio.create_task(self.loop.run())
+            uses = [asyncio.create_task(loop.run()) for loop in self.loops]
             try:
                 await self._maintain()
             finally:
                 self.stopper.stop()
-                await uses
+                await asyncio.gather(*uses)
         finally:
             await self._release_lock()
             log.info("janitor_stopped", consumer=self.consumer, evicted=self.evicted,
@@ -153,7 +163,8 @@ class Janitor:
             return
         if sweep:
             await self.sweep_orphans()
-        await flush_outbox(self.redis, self.keys.outbox, self.keys.results)
+        for shard in self.keys.all_shards():
+            await flush_outbox(self.redis, shard.outbox, shard.results, cluster=shard.cluster)
         await self.enforce()
         await self.trim_streams()
         await self.remove_dead_consumers()
@@ -166,7 +177,8 @@ class Janitor:
         except RedisError:
             pass
 
-    async def record_uses(self, deliveries: list[Delivery]) -> None:
+    async def record_uses(self, deliveries: list[Delivery],
+                          reader: GroupReader | None = None) -> None:
         """A batch of change events: each answer or hit that names an entry moves it up the
         LRU index (to the latest time it was used)."""
         uses: dict[str, float] = {}
@@ -189,7 +201,7 @@ class Janitor:
         if self.registry is not None and uses:
             await self.registry.touch(uses)
             self.uses_recorded += len(uses)
-        await self.reader.ack(*[d.message_id for d in deliveries])
+        await (reader or self.loop.reader).ack(*[d.message_id for d in deliveries])
 
     async def enforce(self) -> None:
         """TTL, then the storage cap."""
@@ -232,21 +244,24 @@ class Janitor:
         return removed_files, removed_entries
 
     async def trim_streams(self) -> None:
-        for stream in (self.keys.requests, self.keys.generate, self.keys.changes):
-            floor = await safe_trim_id(self.redis, stream)
-            if floor is not None and stream == self.keys.changes:  # and kept for a while
-                kept = int((time.time() - self.changes_retention.total_seconds()) * 1000)
-                floor = older_id(floor, f"{kept}-0")
-            if floor is not None:
-                self.trimmed += await self.redis.xtrim(stream, minid=floor, approximate=False)
-        cutoff = int((time.time() - self.results_retention.total_seconds()) * 1000)
-        self.trimmed += await self.redis.xtrim(self.keys.results, minid=f"{cutoff}-0",
-                                               approximate=False)
+        for shard in self.keys.all_shards():
+            for stream in (shard.requests, shard.generate, shard.changes):
+                floor = await safe_trim_id(self.redis, stream)
+                if floor is not None and stream == shard.changes:  # and kept for a while
+                    kept = int((time.time() - self.changes_retention.total_seconds()) * 1000)
+                    floor = older_id(floor, f"{kept}-0")
+                if floor is not None:
+                    self.trimmed += await self.redis.xtrim(stream, minid=floor,
+                                                           approximate=False)
+            cutoff = int((time.time() - self.results_retention.total_seconds()) * 1000)
+            self.trimmed += await self.redis.xtrim(shard.results, minid=f"{cutoff}-0",
+                                                   approximate=False)
 
     async def remove_dead_consumers(self) -> int:
         removed = 0
         idle_ms = self.consumer_idle.total_seconds() * 1000
-        for stream in (self.keys.requests, self.keys.generate, self.keys.changes):
+        for stream in (name for shard in self.keys.all_shards()
+                       for name in (shard.requests, shard.generate, shard.changes)):
             try:
                 groups = await self.redis.xinfo_groups(stream)
             except RedisError:

@@ -12,6 +12,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from promptcache.cache.bypass import BypassImages
 from promptcache.cache.exact import ExactCache
@@ -36,6 +37,7 @@ from promptcache.semantic.tier import SemanticTier
 from promptcache.storage.blobs import BlobStore
 from promptcache.storage.store import Blobs
 from promptcache.storage.db import MetadataStore
+from promptcache.topology import is_cluster
 from consumers.worker import Worker, consumer_name
 from schemas.events import ChangeEvent
 
@@ -49,19 +51,51 @@ def require_redis_url(settings: Settings) -> str:
     return settings.redis_url
 
 
-def streams_client(url: str, max_connections: int = 64) -> aioredis.Redis:
+def streams_client(url: str, max_connections: int = 64, *,
+                   cluster: bool | None = None) -> aioredis.Redis:
     """The streams Redis. A blocking pool: under a burst, requests wait for a connection
-    instead of failing with "Too many connections" (each publish holds one for its WATCH).
-    BLOCK (<= 2 s) stays well under the 5 s socket timeout."""
+    instead of failing with "Too many connections". BLOCK (<= 2 s) stays well under the 5 s
+    socket timeout. On a cluster (`cluster`; None: ask the server), a cluster client found
+    from this one node: it follows MOVED/ASK and, after a failover, finds the new primary."""
+    if cluster is None:
+        cluster = is_cluster(url)
+    if cluster:
+        return cluster_client(url, max_connections=max(max_connections, 64) * 4,
+                              socket_timeout=5, socket_connect_timeout=3)
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=30, socket_timeout=5,
         socket_connect_timeout=3, health_check_interval=15)
     return aioredis.Redis(connection_pool=pool)
 
 
-def cache_client(url: str, settings: Settings) -> aioredis.Redis:
+def sync_client(url: str, settings: Settings, **options: Any) -> Any:
+    """A synchronous client (the Prometheus collector runs in a thread): a RedisCluster on a
+    cluster, else a plain Redis."""
+    import redis as syncredis
+    from redis.cluster import RedisCluster as SyncRedisCluster
+
+    if is_cluster(url, settings.cluster):
+        return SyncRedisCluster.from_url(url, **options)
+    return syncredis.Redis.from_url(url, **options)
+
+
+def cluster_client(url: str, **options: Any) -> aioredis.Redis:
+    """redis-py's asyncio RedisCluster (typed as a Redis: the commands used here are common to
+    both). The slot map is refreshed on MOVED and on connection errors, which is how a client
+    finds a replica promoted in a failover."""
+    from redis.asyncio.cluster import RedisCluster
+
+    client: Any = RedisCluster.from_url(url, **options)
+    return client  # type: ignore[no-any-return]
+
+
+def cache_client(url: str, settings: Settings, *, cluster: bool = False) -> aioredis.Redis:
     """The cache store fails fast: a slow or absent server means bypass, not a stalled worker."""
     timeout = max(settings.cache_timeout.total_seconds(), 0.005)
+    if cluster:
+        return cluster_client(url, max_connections=256, socket_timeout=max(timeout, 0.25),
+                              socket_connect_timeout=max(timeout, 0.25),
+                              cluster_error_retry_attempts=1)
     # a blocking pool: a burst waits (at most the timeout) for a connection instead of failing
     # with "Too many connections" and bypassing the cache
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -95,7 +129,7 @@ def build_semantic(settings: Settings, cache_redis: aioredis.Redis | None) -> Se
     """The semantic tier, or None (PROMPTCACHE_EMBEDDINGS=off, or no cache store)."""
     if settings.embeddings == "off" or cache_redis is None:
         return None
-    keys = Keys(settings.prefix)
+    keys = settings.keys()
     api_key = settings.embeddings_api_key.get_secret_value() if settings.embeddings_api_key \
         else None
     inner = build_embedder(settings.embeddings, base_url=settings.embeddings_url,
@@ -118,7 +152,7 @@ class SemanticLoop:
     def __init__(self, tier: SemanticTier, follow_redis: aioredis.Redis, settings: Settings,
                  consumer: str) -> None:
         self.tier = tier
-        self.follower = IndexFollower(follow_redis, Keys(settings.prefix), tier.index,
+        self.follower = IndexFollower(follow_redis, settings.keys(), tier.index,
                                       consumer=consumer,
                                       max_entries=settings.semantic_max_entries)
         self.stopper = Stopper()
@@ -176,10 +210,11 @@ def quality_gate(settings: Settings, redis: aioredis.Redis, keys: Keys) -> Quali
                        counter=RejectionCounter(redis, keys.metrics_quality))
 
 
-def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aioredis.Redis | None,
-                 generator: Generator, consumer: str | None = None,
-                 semantic: SemanticTier | None = None) -> Worker:
-    keys = Keys(settings.prefix)
+def build_pipeline(settings: Settings, *, redis: aioredis.Redis,
+                   cache_redis: aioredis.Redis | None, generator: Generator,
+                   semantic: SemanticTier | None = None, keys: Keys | None = None) -> Pipeline:
+    """The tiers, shared by every shard's worker in a process."""
+    keys = keys or settings.keys()
     blobs = blob_store(settings)
     entries = registry(cache_redis, keys, blobs, settings) if cache_redis else None
     pipeline = Pipeline(generator=generator,
@@ -203,6 +238,18 @@ def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aior
                         **pipeline_guards(settings, redis, keys, blobs, entries))
     if semantic is not None:  # entries indexed late (model loading) get their durable copy
         semantic.on_embedded = pipeline.publish_changes
+    return pipeline
+
+
+def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aioredis.Redis | None,
+                 generator: Generator, consumer: str | None = None,
+                 semantic: SemanticTier | None = None, shard: int = 0,
+                 pipeline: Pipeline | None = None) -> Worker:
+    """The worker of one shard (the only one unless PROMPTCACHE_SHARDS > 1)."""
+    keys = settings.keys().for_shard(shard)
+    if pipeline is None:
+        pipeline = build_pipeline(settings, redis=redis, cache_redis=cache_redis,
+                                  generator=generator, semantic=semantic, keys=keys)
     return Worker(redis=redis, keys=keys, pipeline=pipeline, consumer=consumer,
                   batch_size=settings.batch_size, max_in_flight=settings.max_in_flight,
                   generation_concurrency=settings.generation_concurrency,
@@ -212,53 +259,92 @@ def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aior
                   durable_results=settings.durable_results)
 
 
+def clients(settings: Settings, *, fail_fast: bool = True) -> tuple[aioredis.Redis,
+                                                                     aioredis.Redis]:
+    """The streams client, and the cache store's: the same one when the URLs are equal, else
+    (`fail_fast`, the workers') one that gives up after PROMPTCACHE_CACHE_TIMEOUT."""
+    redis = streams_client(require_redis_url(settings),
+                           cluster=is_cluster(settings.redis_url, settings.cluster))
+    cache_url = settings.effective_cache_redis_url or ""
+    if cache_url == settings.redis_url:
+        return redis, redis
+    cluster = is_cluster_or_not(cache_url, settings)
+    return redis, (cache_client(cache_url, settings, cluster=cluster) if fail_fast
+                   else streams_client(cache_url, cluster=cluster))
+
+
+def is_cluster_or_not(url: str | None, settings: Settings) -> bool:
+    """Whether a second Redis is a cluster; False when it cannot be asked (it is bypassed)."""
+    try:
+        return is_cluster(url, settings.cluster)
+    except RedisConnectionError:
+        return False
+
+
+async def reachable_keys(settings: Settings, stopper: Stopper | None = None) -> Keys:
+    """`settings.keys()`, once the streams server answers whether it is a cluster: a service
+    started before its Redis waits for it (with backoff) instead of exiting."""
+    delay = 0.5
+    while True:
+        try:
+            return settings.keys()
+        except RedisConnectionError as exc:
+            if stopper is not None and stopper.stopping:
+                raise
+            log.warning("redis_unreachable_at_start", error=str(exc), retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 async def run_worker(settings: Settings, *, burst: bool = False,
-                     consumer: str | None = None) -> Worker:
-    """Worker (+ persister when DATABASE_URL is set) until SIGTERM/SIGINT or, in burst, idle."""
-    keys = Keys(settings.prefix)
+                     consumer: str | None = None) -> list[Worker]:
+    """A worker per shard (+ a persister per shard when DATABASE_URL is set), one pipeline
+    between them, until SIGTERM/SIGINT or, in burst, idle."""
+    keys = await reachable_keys(settings)
     consumer = consumer or consumer_name()
     async with AsyncExitStack() as stack:
-        redis = streams_client(require_redis_url(settings))
+        redis, cache_redis = clients(settings)
         stack.push_async_callback(redis.aclose)
-        cache_url = settings.effective_cache_redis_url
-        cache_redis = redis if cache_url == settings.redis_url else cache_client(cache_url or "",
-                                                                                  settings)
         if cache_redis is not redis:
             stack.push_async_callback(cache_redis.aclose)
         generator = build_generator(settings)
         stack.push_async_callback(generator.aclose)
         semantic = build_semantic(settings, cache_redis)
-        worker = build_worker(settings, redis=redis, cache_redis=cache_redis,
-                              generator=generator, consumer=consumer, semantic=semantic)
+        pipeline = build_pipeline(settings, redis=redis, cache_redis=cache_redis,
+                                  generator=generator, semantic=semantic, keys=keys)
+        workers = [build_worker(settings, redis=redis, cache_redis=cache_redis,
+                                generator=generator, consumer=consumer, semantic=semantic,
+                                shard=s, pipeline=pipeline) for s in range(keys.shards)]
         loops: list[tuple[Callable[[], None], Callable[..., Awaitable[None]]]] = [
-            (worker.stop, worker.run)]
+            (w.stop, w.run) for w in workers]
         if semantic is not None:
             # the follower blocks on the log: not the 50 ms fail-fast client
-            follow_redis = redis if cache_redis is redis else streams_client(cache_url or "", 4)
+            follow_redis = redis if cache_redis is redis else streams_client(
+                settings.effective_cache_redis_url or "", 4,
+                cluster=is_cluster_or_not(settings.effective_cache_redis_url, settings))
             if follow_redis is not redis:
                 stack.push_async_callback(follow_redis.aclose)
-            semantic_loop = SemanticLoop(semantic, follow_redis, settings, worker.consumer)
+            semantic_loop = SemanticLoop(semantic, follow_redis, settings, consumer)
             loops.append((semantic_loop.stop, semantic_loop.run))
         if settings.database_url:
             store = MetadataStore(settings.database_url)
             stack.push_async_callback(store.aclose)
-            persister = Persister(redis=redis, keys=keys, store=store, consumer=consumer,
-                                  claim_idle=settings.claim_idle, block=settings.block)
-            loops.append((persister.stop, persister.run))
+            for shard in keys.all_shards():
+                persister = Persister(redis=redis, keys=shard, store=store, consumer=consumer,
+                                      claim_idle=settings.claim_idle, block=settings.block)
+                loops.append((persister.stop, persister.run))
         else:
             log.warning("no_database_url", detail="metadata is not persisted to PostgreSQL")
         await run_until_signal(loops, burst=burst)
-        return worker
+        return workers
     raise AssertionError("unreachable")
 
 
 async def run_janitor(settings: Settings, *, burst: bool = False) -> Janitor:
-    keys = Keys(settings.prefix)
+    keys = await reachable_keys(settings)
     async with AsyncExitStack() as stack:
-        redis = streams_client(require_redis_url(settings))
+        redis, cache_redis = clients(settings, fail_fast=False)
         stack.push_async_callback(redis.aclose)
-        cache_url = settings.effective_cache_redis_url
-        cache_redis = redis if cache_url == settings.redis_url else streams_client(cache_url or "")
         if cache_redis is not redis:
             stack.push_async_callback(cache_redis.aclose)
         blobs = blob_store(settings)

@@ -119,7 +119,10 @@ class Worker:
                                    changes_stream=keys.changes, results_stream=keys.results,
                                    metrics_results=keys.metrics_results, done_ttl=done_ttl,
                                    outbox=keys.outbox, metrics_scopes=keys.metrics_scopes,
-                                   durable=durable_results)
+                                   durable=durable_results, cluster=keys.cluster)
+        # one health record per shard's worker in a sharded process
+        self.health_name = (f"{self.consumer}/{keys.shard}" if keys.shards > 1
+                            else self.consumer)
         self.counters: Counter[str] = Counter()
 
     def stop(self) -> None:
@@ -128,7 +131,8 @@ class Worker:
 
     async def run(self, *, burst: bool = False) -> None:
         """Serve until stop(); with burst=True, return once both streams have nothing for us."""
-        log.info("worker_started", consumer=self.consumer, stream=self.keys.requests)
+        log.info("worker_started", consumer=self.consumer, stream=self.keys.requests,
+                 shard=self.keys.shard)
         for stage in (self.fast, self.slow):
             await stage.ensure_group()
         if self.publisher.durable:
@@ -158,11 +162,11 @@ class Worker:
             await self._write_health()
 
     async def _write_health(self) -> None:
-        state = {"consumer": self.consumer, "at": time.time(),
+        state = {"consumer": self.health_name, "at": time.time(),
                  "in_flight": len(self.fast.held), "generating": len(self.slow.held),
                  **self.counters}
         try:
-            await self.redis.set(self.keys.health(self.consumer), json.dumps(state),
+            await self.redis.set(self.keys.health(self.health_name), json.dumps(state),
                                  ex=max(int(self.health_interval.total_seconds() * 3), 1))
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             log.warning("health_write_failed", error=str(exc))

@@ -41,7 +41,7 @@ from pydantic import ByteSize
 from consumers.wiring import build_semantic, streams_client
 from ops.demo import load_prompts, shared_prompts_dir
 from ops.embedded_servers import EmbeddedValkey, free_port
-from promptcache.client import collect, last_id, publish
+from promptcache.client import collect, last_ids, publish, results_streams
 from promptcache.config import Settings
 from promptcache.errors import ConfigError
 from promptcache.keys import Keys
@@ -105,9 +105,9 @@ def rewrite_pairs(count: int, rng: random.Random) -> list[tuple[str, str, str]]:
 
 async def _ask(redis: aioredis.Redis, keys: Keys, requests: list[Request],
                timeout: float = 600.0) -> dict[str, Result]:
-    after = await last_id(redis, keys.results)
+    after = await last_ids(redis, results_streams(keys))
     await publish(redis, keys, requests)
-    return await collect(redis, keys.results, after, [r.request_id for r in requests], timeout)
+    return await collect(redis, after, "", [r.request_id for r in requests], timeout)
 
 
 async def hit_rate_and_latency(redis: aioredis.Redis, keys: Keys, settings: Settings,
@@ -309,7 +309,7 @@ async def models_ready(redis: aioredis.Redis, cache: aioredis.Redis, keys: Keys,
 async def _against(settings: Settings, redis_url: str, count: int, seed: int,
                    say: Callable[[str], None], *, cache_server: EmbeddedValkey | None,
                    outcome: Outcome) -> None:
-    keys = Keys(settings.prefix)
+    keys = settings.keys()
     redis = streams_client(redis_url)
     cache = streams_client(settings.effective_cache_redis_url or redis_url)
     try:

@@ -310,31 +310,27 @@ def _ab(args: argparse.Namespace, settings: Settings) -> int:
 def _web(settings: Settings) -> None:
     import uvicorn
 
-    from promptcache.keys import Keys
-    from consumers.wiring import blob_store, registry, streams_client
+    from consumers.wiring import blob_store, clients, registry, sync_client
     from ops.web import build_app
 
-    import redis as syncredis
     from prometheus_client import CollectorRegistry
 
     from ops.metrics import RedisCollector
 
-    keys = Keys(settings.prefix)
-    redis = streams_client(settings.redis_url) if settings.redis_url else None
+    keys = settings.keys()
+    redis = None
     metrics = None
-    if settings.redis_url:
-        metrics = CollectorRegistry()
-        cache_url = settings.effective_cache_redis_url or settings.redis_url
-        metrics.register(RedisCollector(
-            syncredis.Redis.from_url(settings.redis_url, socket_timeout=2), keys,
-            int(settings.storage_limit),
-            cache=syncredis.Redis.from_url(cache_url, socket_timeout=2)))
     blobs = blob_store(settings)
     entry_registry = None
     if settings.redis_url:
+        redis, cache_redis = clients(settings, fail_fast=False)
+        metrics = CollectorRegistry()
         cache_url = settings.effective_cache_redis_url or settings.redis_url
-        cache_redis = redis if cache_url == settings.redis_url else streams_client(cache_url)
-        entry_registry = registry(cache_redis, keys, blobs, settings)  # type: ignore[arg-type]
+        metrics.register(RedisCollector(
+            sync_client(settings.redis_url, settings, socket_timeout=2), keys,
+            int(settings.storage_limit),
+            cache=sync_client(cache_url, settings, socket_timeout=2)))
+        entry_registry = registry(cache_redis, keys, blobs, settings)
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     app = build_app(blobs=blobs, redis=redis, keys=keys, metrics=metrics,
                     registry=entry_registry, database_url=settings.database_url,
@@ -346,8 +342,8 @@ def _web(settings: Settings) -> None:
 
 async def _submit(args: argparse.Namespace, settings: Settings) -> int:
     from promptcache.client import parse_param, submit
-    from promptcache.keys import Keys
     from consumers.wiring import require_redis_url, streams_client
+    from promptcache.topology import is_cluster
     from schemas.events import Request
 
     try:
@@ -359,9 +355,10 @@ async def _submit(args: argparse.Namespace, settings: Settings) -> int:
     except ValidationError as exc:
         print(f"promptcache: invalid request:\n{exc}", file=sys.stderr)
         return RET_USAGE
-    redis = streams_client(require_redis_url(settings))
+    redis = streams_client(require_redis_url(settings),
+                           cluster=is_cluster(settings.redis_url, settings.cluster))
     try:
-        result = await submit(redis, Keys(settings.prefix), request, timeout=args.timeout)
+        result = await submit(redis, settings.keys(), request, timeout=args.timeout)
     finally:
         await redis.aclose()
     if result is None:
@@ -392,12 +389,13 @@ async def _submit(args: argparse.Namespace, settings: Settings) -> int:
 async def _stats(args: argparse.Namespace, settings: Settings) -> int:
     from ops.status import database_stats, render_stats, stream_stats
     from promptcache.config import parse_duration
-    from promptcache.keys import Keys
     from consumers.wiring import require_redis_url, streams_client
+    from promptcache.topology import is_cluster
 
-    redis = streams_client(require_redis_url(settings))
+    redis = streams_client(require_redis_url(settings),
+                           cluster=is_cluster(settings.redis_url, settings.cluster))
     try:
-        streams = await stream_stats(redis, Keys(settings.prefix))
+        streams = await stream_stats(redis, settings.keys())
     finally:
         await redis.aclose()
     since = parse_duration(args.since)
@@ -422,11 +420,14 @@ async def _stats(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _reindex(settings: Settings) -> int:
     from consumers.wiring import build_semantic, require_redis_url, streams_client
+    from promptcache.topology import is_cluster
     from promptcache.semantic.reindex import ReindexReport, reindex
     from promptcache.storage.db import MetadataStore
 
     require_redis_url(settings)
-    cache = streams_client(settings.effective_cache_redis_url or "")
+    cache = streams_client(settings.effective_cache_redis_url or "",
+                           cluster=is_cluster(settings.effective_cache_redis_url,
+                                              settings.cluster))
     tier = build_semantic(settings, cache)
     if tier is None:
         raise ConfigError("PROMPTCACHE_EMBEDDINGS=off: there is no model to re-embed with")
@@ -469,8 +470,7 @@ async def _reindex(settings: Settings) -> int:
 async def _purge(args: argparse.Namespace, settings: Settings) -> int:
     from promptcache.invalidation import purge
     from promptcache.config import parse_duration
-    from promptcache.keys import Keys
-    from consumers.wiring import blob_store, registry, require_redis_url, streams_client
+    from consumers.wiring import blob_store, clients, registry
 
     if not settings.database_url:
         raise ConfigError("purge needs DATABASE_URL (entries are found in PostgreSQL)")
@@ -480,10 +480,8 @@ async def _purge(args: argparse.Namespace, settings: Settings) -> int:
         if not hasattr(parsed, "total_seconds"):
             raise ConfigError(f"--older-than {args.older_than!r}: use e.g. 7d, 12h, 30m")
         older = parsed.total_seconds()  # type: ignore[union-attr]
-    redis = streams_client(require_redis_url(settings))
-    cache_url = settings.effective_cache_redis_url or ""
-    cache_redis = redis if cache_url == settings.redis_url else streams_client(cache_url)
-    keys = Keys(settings.prefix)
+    redis, cache_redis = clients(settings, fail_fast=False)
+    keys = settings.keys()
     from ops.progress import bar
 
     try:
@@ -510,11 +508,12 @@ async def _purge(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _dead_letter(args: argparse.Namespace, settings: Settings) -> int:
     from ops.dead_letters import dead_letters, replay
-    from promptcache.keys import Keys
     from consumers.wiring import require_redis_url, streams_client
+    from promptcache.topology import is_cluster
 
-    redis = streams_client(require_redis_url(settings))
-    keys = Keys(settings.prefix)
+    redis = streams_client(require_redis_url(settings),
+                           cluster=is_cluster(settings.redis_url, settings.cluster))
+    keys = settings.keys()
     try:
         if args.action == "list":
             for mid, letter in await dead_letters(redis, keys, args.count):
@@ -528,16 +527,13 @@ async def _dead_letter(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _flag(args: argparse.Namespace, settings: Settings) -> int:
-    from promptcache.keys import Keys
     from promptcache.invalidation import UnknownEntry, flag
-    from consumers.wiring import blob_store, registry, require_redis_url, streams_client
+    from consumers.wiring import blob_store, clients, registry
 
     if not settings.database_url:
         raise ConfigError("flag needs DATABASE_URL (the flag is recorded in PostgreSQL)")
-    redis = streams_client(require_redis_url(settings))
-    cache_url = settings.effective_cache_redis_url or ""
-    cache_redis = redis if cache_url == settings.redis_url else streams_client(cache_url)
-    keys = Keys(settings.prefix)
+    redis, cache_redis = clients(settings, fail_fast=False)
+    keys = settings.keys()
     try:
         flagged = await flag(redis, keys, registry(cache_redis, keys, blob_store(settings),
                                                    settings),

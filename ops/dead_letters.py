@@ -11,15 +11,17 @@ from promptcache.streams import id_order
 from schemas.events import DeadLetter
 
 
-def _streams(keys: Keys) -> tuple[str, str]:
-    return keys.dead_letter, keys.changes_dead_letter
+def _streams(keys: Keys) -> list[tuple[Keys, str]]:
+    """Every shard's two dead-letter streams, with the shard they belong to."""
+    return [(shard, name) for shard in keys.all_shards()
+            for name in (shard.dead_letter, shard.changes_dead_letter)]
 
 
 async def dead_letters(redis: aioredis.Redis, keys: Keys, count: int) -> list[tuple[str, DeadLetter]]:
     """The newest `count` dead letters of both kinds, newest first (a letter's `stream` says
     which stream its entry came from)."""
     found: list[tuple[str, DeadLetter]] = []
-    for stream in _streams(keys):
+    for _, stream in _streams(keys):
         entries = await redis.xrevrange(stream, count=count)
         found += [(mid.decode(), DeadLetter.model_validate_json(f[b"data"]))
                   for mid, f in entries]
@@ -36,14 +38,15 @@ async def replay(redis: aioredis.Redis, keys: Keys, ids: list[str] | None) -> in
     again, so its request id is forgotten and the replay gets a fresh result.
     """
     replayed = 0
-    for stream in _streams(keys):
+    for shard, stream in _streams(keys):
         entries = await redis.xrange(stream) if ids is None else [
             e for mid in ids for e in await redis.xrange(stream, mid, mid)]
         for mid, fields in entries:
             letter = DeadLetter.model_validate_json(fields[b"data"])
+            # the letter, its stream and its done marker share the shard's slot
             async with redis.pipeline(transaction=True) as pipe:
                 if letter.request_id:
-                    pipe.delete(keys.done(letter.request_id))
+                    pipe.delete(shard.done(letter.request_id))
                 pipe.xadd(letter.stream, letter.entry)  # type: ignore[arg-type]
                 pipe.xdel(stream, mid)
                 await pipe.execute()

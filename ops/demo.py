@@ -19,7 +19,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from promptcache.client import collect, last_id, publish
+from promptcache.client import collect, last_ids, publish, results_streams
 from promptcache.keys import Keys
 from schemas.events import Request, Result
 
@@ -100,9 +100,9 @@ async def run_demo(redis: aioredis.Redis, keys: Keys, count: int, *, timeout: fl
         if number == 3 and not await semantic_ready(redis, keys):
             say("demo: the semantic tier is not ready (model still loading?): round 3 skipped")
             break
-        after = await last_id(redis, keys.results)
+        after = await last_ids(redis, results_streams(keys))
         await publish(redis, keys, requests)
-        results = await collect(redis, keys.results, after, [r.request_id for r in requests],
+        results = await collect(redis, after, "", [r.request_id for r in requests],
                                 timeout)
         rows += [(number, r, results.get(r.request_id)) for r in requests]
     return rows

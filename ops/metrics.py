@@ -9,7 +9,7 @@ per group, bytes and entries in the cache, the storage limit).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import redis
 from prometheus_client.core import (
@@ -42,9 +42,9 @@ class RedisCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         results = CounterMetricFamily("promptcache_results", "Results published, by cache tier "
                                       "and status", labels=["cache", "status"])
-        for raw, value in self.client.hgetall(self.keys.metrics_results).items():
-            tier, _, status = raw.decode().partition("|")
-            results.add_metric([tier, status], float(value))
+        for raw, value in self._summed(lambda k: k.metrics_results).items():
+            tier, _, status = raw.partition("|")
+            results.add_metric([tier, status], value)
         yield results
         yield self._by_scope()
 
@@ -52,8 +52,7 @@ class RedisCollector(Collector):
             "promptcache_request_latency_seconds", "Request entry to result published, by tier "
             "(generation included for miss)", labels=["cache"])
         for tier in TIERS_AND_STATUSES:
-            raw = {k.decode(): float(v) for k, v in
-                   self.client.hgetall(self.keys.metrics_latency(tier)).items()}
+            raw = self._summed(lambda k, tier=tier: k.metrics_latency(tier))
             if not raw:
                 continue
             running, buckets = 0.0, []
@@ -88,7 +87,8 @@ class RedisCollector(Collector):
                                 "group", labels=["stream", "group"])
         pending = GaugeMetricFamily("promptcache_stream_pending", "Entries delivered and not "
                                     "acknowledged", labels=["stream", "group"])
-        for stream in (self.keys.requests, self.keys.generate, self.keys.changes):
+        for stream in (name for k in self.keys.all_shards()
+                       for name in (k.requests, k.generate, k.changes)):
             try:
                 groups = self.client.xinfo_groups(stream)
             except redis.ResponseError:
@@ -100,6 +100,15 @@ class RedisCollector(Collector):
         yield lag
         yield pending
 
+    def _summed(self, name: Callable[[Keys], str]) -> dict[str, float]:
+        """A counters hash added up over every shard (each shard's publish script counts its
+        own results)."""
+        total: dict[str, float] = {}
+        for shard in self.keys.all_shards():
+            for field, value in self.client.hgetall(name(shard)).items():
+                total[field.decode()] = total.get(field.decode(), 0.0) + float(value)
+        return total
+
     def _by_scope(self) -> Metric:
         """Results of scoped requests, labelled by scope: at most `top_scopes` scopes by name
         (the busiest when a slot was free; sticky), the rest summed as "other", so the label's
@@ -110,16 +119,16 @@ class RedisCollector(Collector):
             f"scope (at most {self.top_scopes} by name; the rest as \"other\"), tier and status",
             labels=["scope", "cache", "status"])
         counts: dict[tuple[str, str, str], float] = {}
-        for raw, value in self.client.hgetall(self.keys.metrics_scopes).items():
-            scope, tier, status = (raw.decode().split("|") + ["", ""])[:3]
-            counts[(scope, tier, status)] = float(value)
+        for raw, value in self._summed(lambda k: k.metrics_scopes).items():
+            scope, tier, status = (raw.split("|") + ["", ""])[:3]
+            counts[(scope, tier, status)] = value
         totals: dict[str, float] = {}
         for (scope, _, _), value in counts.items():
             totals[scope] = totals.get(scope, 0.0) + value
         # which scopes are named is sticky (a Redis set that only grows, to `top_scopes`): a
         # named scope's series, and "other", never go down because the ranking changed; the
         # only decreases of "other" are the at most `top_scopes` promotions
-        named_key = f"{self.keys.metrics_scopes}:named"
+        named_key = f"{self.keys.base}:metrics:results-by-scope:named"
         top = {m.decode() for m in self.client.smembers(named_key)}
         room = self.top_scopes - len(top)
         if room > 0:

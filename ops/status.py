@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 
 from promptcache.keys import GENERATE_GROUP, JANITOR_GROUP, PERSISTER_GROUP, REQUESTS_GROUP, Keys
 from promptcache.storage import stats
+from promptcache.stream_ids import id_order
 from schemas.events import Result
 
 
@@ -35,10 +36,10 @@ async def stream_stats(redis: aioredis.Redis, keys: Keys,
     rejected by reason; entries and bytes from the cache store (`cache`, default: the same
     server)."""
     out: dict[str, Any] = {"streams": {}, "workers": []}
-    for stream, groups in ((keys.requests, [REQUESTS_GROUP]), (keys.generate, [GENERATE_GROUP]),
-                           (keys.results, []),
-                           (keys.dead_letter, []),
-                           (keys.changes, [PERSISTER_GROUP, JANITOR_GROUP])):
+    for stream, groups in ((name, groups) for shard in keys.all_shards() for name, groups in (
+            (shard.requests, [REQUESTS_GROUP]), (shard.generate, [GENERATE_GROUP]),
+            (shard.results, []), (shard.dead_letter, []),
+            (shard.changes, [PERSISTER_GROUP, JANITOR_GROUP]))):
         info: dict[str, Any] = {"length": await redis.xlen(stream), "groups": {}}
         if groups and info["length"] is not None:
             try:
@@ -109,7 +110,11 @@ async def recent_results(redis: aioredis.Redis, keys: Keys, cache: aioredis.Redi
     """The latest results on the results stream (newest first), leaving out those whose image
     was flagged. Results published to a request's own `reply_to` stream are not seen here."""
     rows: list[dict[str, Any]] = []
-    for mid, fields in await redis.xrevrange(keys.results, count=count):
+    newest: list[tuple[bytes, dict[bytes, bytes]]] = []
+    for shard in keys.all_shards():  # every shard's newest, merged by entry time
+        newest += await redis.xrevrange(shard.results, count=count)
+    newest.sort(key=lambda entry: id_order(entry[0].decode()), reverse=True)
+    for mid, fields in newest[:count]:
         try:
             result = Result.model_validate_json(fields[b"data"])
         except (ValidationError, KeyError):
@@ -193,10 +198,11 @@ class RateMeter:
 async def result_totals(redis: aioredis.Redis, keys: Keys) -> dict[str, float]:
     """Results published so far, by tier (or status when not ok), across every worker."""
     totals: dict[str, float] = {}
-    for raw, value in (await redis.hgetall(keys.metrics_results)).items():
-        tier, _, status = raw.decode().partition("|")
-        label = tier if status == "ok" else status
-        totals[label] = totals.get(label, 0.0) + float(value)
+    for shard in keys.all_shards():
+        for raw, value in (await redis.hgetall(shard.metrics_results)).items():
+            tier, _, status = raw.decode().partition("|")
+            label = tier if status == "ok" else status
+            totals[label] = totals.get(label, 0.0) + float(value)
     return totals
 
 

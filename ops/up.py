@@ -27,7 +27,6 @@ from promptcache.config import Settings
 from promptcache.logs import CHILD_QUIET_ENV
 from ops.embedded_servers import EmbeddedPostgres, EmbeddedValkey
 from ops.stack_state import StackState, StaleState, read_state, remove_state
-from promptcache.keys import Keys
 from consumers.wiring import streams_client
 from promptcache.storage.migrate import apply
 
@@ -123,12 +122,15 @@ class Stack:
 
     def where(self, redis_url: str, database_url: str) -> str:
         s = self.settings
-        keys = Keys(s.prefix)
+        keys = s.keys()
         return "\n".join([
             "",
             "promptcache is up",
-            f"  requests stream  {keys.requests}   (XADD data=<json>, see schemas/json/)",
-            f"  results stream   {keys.results}",
+            *([f"  requests stream  {keys.requests}   (XADD data=<json>, see schemas/json/)",
+               f"  results stream   {keys.results}"] if keys.shards == 1 else [
+                f"  requests streams {keys.requests} … {keys.for_shard(keys.shards - 1).requests}"
+                f"  (shard = crc32(request_id) mod {keys.shards})",
+                f"  results streams  {keys.results} … {keys.for_shard(keys.shards - 1).results}"]),
             f"  redis            {redis_url}{'  (embedded)' if self.valkey else ''}",
             f"  postgresql       {database_url}{'  (embedded)' if self.postgres else ''}",
             f"  dashboard        {s.effective_public_url}/"
@@ -197,7 +199,7 @@ def demo(redis_url: str, settings: Settings, count: int, say: object = print) ->
             semantic = settings.embeddings != "off"
             say(f"demo: sending {count} real prompts, then the same prompts retyped"  # type: ignore[operator]
                 + (", then asked for in other words" if semantic else "") + " ...")
-            rows = await run_demo(redis, Keys(settings.prefix), count, semantic=semantic,
+            rows = await run_demo(redis, settings.keys(), count, semantic=semantic,
                                   say=say)  # type: ignore[arg-type]
             say(render_table(rows))  # type: ignore[operator]
         finally:

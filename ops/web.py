@@ -129,10 +129,13 @@ def build_app(*, blobs: Blobs, redis: aioredis.Redis | None, keys: Keys,
             try:
                 await redis.ping()
                 checks["redis"] = "ok"
-                groups = {g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-                          for g in await redis.xinfo_groups(keys.requests)}
-                checks["group"] = "ok" if REQUESTS_GROUP in groups else "missing"
-                ok = ok and REQUESTS_GROUP in groups
+                present = True
+                for shard in keys.all_shards():  # every shard's requests stream has its group
+                    groups = {g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+                              for g in await redis.xinfo_groups(shard.requests)}
+                    present = present and REQUESTS_GROUP in groups
+                checks["group"] = "ok" if present else "missing"
+                ok = ok and present
             except RedisError as exc:
                 checks["redis"], ok = f"error: {exc}", False
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)

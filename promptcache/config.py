@@ -15,7 +15,9 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, BeforeValidator, ByteSize, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from promptcache.keys import Keys
 from promptcache.signing import UrlSigner
+from promptcache.topology import keys_for
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -51,6 +53,10 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("DATABASE_URL", "database_url")
     )
     prefix: str = "promptcache"
+    # Redis/Valkey Cluster: auto = ask the server; the request path split into `shards` hash
+    # slots (promptcache/topology.py, promptcache/keys.py)
+    cluster: Literal["auto", "on", "off"] = "auto"
+    shards: int = Field(1, ge=1, le=1024)
     data_dir: Path = Field(default_factory=_default_data_dir)
     migrations_dir: Path = Path(__file__).resolve().parent.parent / "migrations"
     # where images live: "file" = data_dir/images and data_dir/thumbnails; "s3://bucket/prefix"
@@ -159,6 +165,13 @@ class Settings(BaseSettings):
     @property
     def effective_cache_redis_url(self) -> str | None:
         return self.cache_redis_url or self.redis_url
+
+    def keys(self) -> Keys:
+        """Every Redis name for this deployment (asks the server whether it is a cluster when
+        PROMPTCACHE_CLUSTER=auto; the answer is remembered per URL)."""
+        return keys_for(self.prefix, redis_url=self.redis_url,
+                        cache_redis_url=self.cache_redis_url, shards=self.shards,
+                        mode=self.cluster)
 
     def url_signer(self) -> UrlSigner | None:
         if self.url_signing_key is None:

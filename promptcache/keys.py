@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 
 REQUESTS_GROUP = "workers"
 GENERATE_GROUP = "generators"
@@ -11,126 +12,180 @@ JANITOR_GROUP = "janitor"
 SEMANTIC_LOG_MAXLEN = 10_000  # a worker further behind than this reloads its index
 
 
+def shard_of(request_id: str, shards: int) -> int:
+    """The shard a request goes to: crc32 of its id (UTF-8) mod N (shared/CONTRACT.md), so a
+    resubmitted id always lands where its done marker is."""
+    return zlib.crc32(request_id.encode("utf-8")) % shards if shards > 1 else 0
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
+    """Names under `prefix`. One server, one shard (the default): today's names,
+    `promptcache:requests`, `promptcache:cache:exact:...`.
+
+    Sharded (`shards` > 1, or any Redis/Valkey Cluster): the request path of shard s, meaning
+    its streams, done markers, outbox and the counters its publish script increments, lives
+    under the hash tag `{prefix:s}`, one slot per shard, so each atomic publish stays in one
+    slot and the shards spread over the cluster's primaries. On a cluster, everything else
+    (cache entries, registry, semantic tier, locks, health) is under `{prefix}`: one slot, so the
+    registry's scripts stay atomic (benchmarks/cluster.py measures what that slot carries).
+    A `Keys` names one shard's request path (`shard`, 0 by default): `for_shard(s)` and
+    `all_shards()` give the others."""
+
     prefix: str = "promptcache"
+    shards: int = 1
+    cluster: bool = False
+    shard: int = 0
 
     @property
+    def sharded(self) -> bool:
+        return self.cluster or self.shards > 1
+
+    @property
+    def base(self) -> str:
+        """What the names outside the request path start with."""
+        return f"{{{self.prefix}}}" if self.cluster else self.prefix
+
+    @property
+    def path(self) -> str:
+        """What this shard's request-path names start with."""
+        return f"{{{self.prefix}:{self.shard}}}" if self.sharded else self.prefix
+
+    def for_shard(self, shard: int) -> Keys:
+        if not 0 <= shard < self.shards:
+            raise ValueError(f"shard {shard} out of range 0..{self.shards - 1}")
+        return self if shard == self.shard else replace(self, shard=shard)
+
+    def all_shards(self) -> list[Keys]:
+        return [self.for_shard(s) for s in range(self.shards)]
+
+    def for_request(self, request_id: str) -> Keys:
+        """The shard a producer sends `request_id` to."""
+        return self.for_shard(shard_of(request_id, self.shards))
+
+    # the request path of this shard ------------------------------------------------------
+    @property
     def requests(self) -> str:
-        return f"{self.prefix}:requests"
+        return f"{self.path}:requests"
 
     @property
     def results(self) -> str:
-        return f"{self.prefix}:results"
+        return f"{self.path}:results"
 
     @property
     def generate(self) -> str:
         """Internal: misses handed from the fast path to the generation stage."""
-        return f"{self.prefix}:generate"
+        return f"{self.path}:generate"
 
     @property
     def dead_letter(self) -> str:
-        return f"{self.prefix}:dead-letter"
+        return f"{self.path}:dead-letter"
 
     @property
     def changes(self) -> str:
-        return f"{self.prefix}:changes"
+        """Change events for PostgreSQL and the janitor: one stream per shard (the publish
+        script writes its batch's events beside its results); events from outside a publish
+        (evictions) go to shard 0's."""
+        return f"{self.path}:changes"
 
     @property
     def outbox(self) -> str:
-        """Durable mode: results staged (with their requests marked done and acked) until the
-        server's append-only file has them, then published."""
-        return f"{self.prefix}:outbox"
+        """Results staged (with their requests marked done and acked) before they are
+        published: durable mode (until the server's append-only file has them), and, on a
+        cluster, results for a reply_to stream in another slot."""
+        return f"{self.path}:outbox"
 
     @property
     def changes_dead_letter(self) -> str:
         """Change events PostgreSQL refused (or that cannot be read): set aside by the
         persister so the rest are written; `promptcache dead-letter` lists and replays them."""
-        return f"{self.prefix}:changes:dead-letter"
+        return f"{self.path}:changes:dead-letter"
 
     def done(self, request_id: str) -> str:
-        return f"{self.prefix}:done:{request_id}"
+        return f"{self.path}:done:{request_id}"
 
-    def exact(self, cache_key: str) -> str:
-        return f"{self.prefix}:cache:exact:{cache_key}"
-
-    def health(self, consumer: str) -> str:
-        return f"{self.prefix}:health:{consumer}"
-
-    @property
-    def janitor_lock(self) -> str:
-        return f"{self.prefix}:janitor:lock"
-
-    # metrics: monotonic counters and histogram buckets, incremented with each result
+    # metrics: monotonic counters and histogram buckets, incremented with each result (per
+    # shard: the publish script writes them; readers add up `all_shards()`)
     @property
     def metrics_results(self) -> str:
-        return f"{self.prefix}:metrics:results"
+        return f"{self.path}:metrics:results"
 
     @property
     def metrics_scopes(self) -> str:
         """Results counted per scope: field "scope|tier|status" (requests with a scope only)."""
-        return f"{self.prefix}:metrics:results-by-scope"
+        return f"{self.path}:metrics:results-by-scope"
 
     def metrics_latency(self, tier: str) -> str:
-        return f"{self.prefix}:metrics:latency:{tier}"
+        return f"{self.path}:metrics:latency:{tier}"
+
+    # outside the request path ------------------------------------------------------------
+    def exact(self, cache_key: str) -> str:
+        return f"{self.base}:cache:exact:{cache_key}"
+
+    def health(self, consumer: str) -> str:
+        return f"{self.base}:health:{consumer}"
+
+    @property
+    def janitor_lock(self) -> str:
+        return f"{self.base}:janitor:lock"
 
     @property
     def metrics_quality(self) -> str:
         """hash reason -> generated images the quality gate rejected (promptcache/quality.py)."""
-        return f"{self.prefix}:metrics:quality"
+        return f"{self.base}:metrics:quality"
 
     # the entry registry (cache Redis): durable indexes, so no TTL
     @property
     def entries(self) -> str:
-        return f"{self.prefix}:cache:entries"
+        return f"{self.base}:cache:entries"
 
     @property
     def lru(self) -> str:
-        return f"{self.prefix}:cache:lru"
+        return f"{self.base}:cache:lru"
 
     @property
     def blob_refs(self) -> str:
-        return f"{self.prefix}:cache:blob-refs"
+        return f"{self.base}:cache:blob-refs"
 
     @property
     def stored_bytes(self) -> str:
-        return f"{self.prefix}:cache:stored-bytes"
+        return f"{self.base}:cache:stored-bytes"
 
     @property
     def flagged_blobs(self) -> str:
         """Set of image sha256s an operator flagged as bad: never served again (no TTL)."""
-        return f"{self.prefix}:cache:flagged-blobs"
+        return f"{self.base}:cache:flagged-blobs"
 
     # the semantic tier (cache Redis)
     @property
     def semantic_vectors(self) -> str:
         """hash entry_id -> prompt embedding record; removed with the entry (no TTL)."""
-        return f"{self.prefix}:semantic:vectors"
+        return f"{self.base}:semantic:vectors"
 
     @property
     def semantic_log(self) -> str:
         """stream of adds and removals that every worker's in-memory index follows."""
-        return f"{self.prefix}:semantic:log"
+        return f"{self.base}:semantic:log"
 
     @property
     def semantic_inflight(self) -> str:
         """hash flight lock -> a generation in flight (prompt, partition, vector) or just done
         (cache key): what similar misses wait for."""
-        return f"{self.prefix}:semantic:inflight"
+        return f"{self.base}:semantic:inflight"
 
     @property
     def semantic_deferred(self) -> str:
         """hash entry_id -> entry stored while a worker's model was loading (cache key, params
         key, prompt): indexed once a model is ready (SemanticTier.index_deferred). Bounded."""
-        return f"{self.prefix}:semantic:deferred"
+        return f"{self.base}:semantic:deferred"
 
     def embedding(self, model: str, dim: int, text_hash: str) -> str:
-        return f"{self.prefix}:semantic:embedding:{model}:{dim}:{text_hash}"
+        return f"{self.base}:semantic:embedding:{model}:{dim}:{text_hash}"
 
     @property
     def metrics_semantic(self) -> str:
         """hash of counters: refused:<reason>, skipped:<reason>, hits, candidates."""
-        return f"{self.prefix}:metrics:semantic"
+        return f"{self.base}:metrics:semantic"
 
     def semantic_index_stats(self, consumer: str) -> str:
-        return f"{self.prefix}:semantic:index:{consumer}"
+        return f"{self.base}:semantic:index:{consumer}"

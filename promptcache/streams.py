@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import redis.asyncio as aioredis
 import structlog
+from redis.crc import key_slot
 from redis.exceptions import RedisError, ResponseError
 
 from promptcache.errors import ConfigError
@@ -165,8 +166,8 @@ for i = 1, n do
   local done, target, hist = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local mid, kind, data, fallback = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local answer, field, bucket, latency = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
-  local sfield = ARGV[a + 8]
-  a = a + 9
+  local sfield, foreign = ARGV[a + 8], ARGV[a + 9]
+  a = a + 10
   flags[i] = 0
   -- acknowledged row by row: a hand-off happens only with the ack that took the entry out of
   -- the pending list, so a repeated call (a retry after a timeout, a lapsed lease) hands off once
@@ -179,7 +180,9 @@ for i = 1, n do
         any = true
       end
     else
-      if stage then
+      if foreign ~= '' then
+        redis.call('HSET', KEYS[5], done, cjson.encode({foreign, data, fallback, staged_at}))
+      elseif stage then
         redis.call('HSET', KEYS[5], done, cjson.encode({target, data, fallback, staged_at}))
       elseif fallback == '' then
         redis.call('XADD', target, '*', 'data', data)
@@ -279,7 +282,8 @@ class Publisher:
 
     def __init__(self, redis: aioredis.Redis, *, dead_letter_stream: str, changes_stream: str,
                  results_stream: str, metrics_results: str, done_ttl: timedelta,
-                 outbox: str, metrics_scopes: str, durable: bool = False) -> None:
+                 outbox: str, metrics_scopes: str, durable: bool = False,
+                 cluster: bool = False) -> None:
         self.redis = redis
         self.dead_letter_stream = dead_letter_stream
         self.changes_stream = changes_stream
@@ -289,6 +293,8 @@ class Publisher:
         self.outbox = outbox
         self.metrics_scopes = metrics_scopes
         self.durable = durable
+        self.cluster = cluster  # a row whose stream is in another slot is staged, then moved
+        self._slot = key_slot(outbox.encode())
         self._script = redis.register_script(_PUBLISH_BATCH)
         self._flush = redis.register_script(_FLUSH_OUTBOX)
 
@@ -317,17 +323,26 @@ class Publisher:
         head = f'{{"type":"requests_answered","entry_id":"","at":{time.time()},"answers":['
         args: list[str | int | float] = [source.group, millis(self.done_ttl), head,
                                          "1" if self.durable else "0", len(rows)]
-        for row in rows:
-            keys += [row.done_key, row.stream or self.results_stream,
-                     row.histogram or self.metrics_results]
+        foreign: list[tuple[int, str]] = []  # (row, done marker) staged for another slot
+        for i, row in enumerate(rows):
+            target = row.stream or self.results_stream
+            elsewhere = ""
+            if self.cluster and row.kind == "r" and key_slot(target.encode()) != self._slot:
+                elsewhere, target = target, self.results_stream
+                foreign.append((i, row.done_key))
+            keys += [row.done_key, target, row.histogram or self.metrics_results]
             args += [row.message_id, row.kind, row.data, row.fallback, row.answer, row.counter,
-                     row.bucket, row.latency_ms, row.scope_counter]
+                     row.bucket, row.latency_ms, row.scope_counter, elsewhere]
         further = [*((self.changes_stream, c) for c in changes), *extra]
         keys += [stream for stream, _ in further]
         args += [len(changes), len(extra)]
         args += [data for _, data in further]
         if not self.durable:
-            return [int(f) for f in await self._script(keys=keys, args=args)]
+            flags = [int(f) for f in await self._script(keys=keys, args=args)]
+            for i, done in foreign:  # staged by this call, or by an earlier attempt
+                flags[i] = await publish_staged(self.redis, self.outbox, self.results_stream,
+                                                done) or flags[i]
+            return flags
         async with self.redis.pipeline(transaction=False) as pipe:
             await self._script(keys=keys, args=args, client=pipe)
             # a write of our own after the script: WAITAOF covers this connection's writes, and
@@ -353,6 +368,11 @@ class Publisher:
     async def check_durable(self) -> None:
         """Durable mode needs the streams server's append-only file: say so at start, not on
         every batch."""
+        if self.cluster:
+            raise ConfigError(
+                "PROMPTCACHE_DURABLE_RESULTS=true is not supported on a cluster yet: WAITAOF "
+                "must run on the connection of the shard's primary that wrote the batch, which "
+                "the cluster client does not expose")
         try:
             await self.redis.execute_command("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS)
         except ResponseError as exc:
@@ -361,7 +381,8 @@ class Publisher:
                 f"appendonly yes (WAITAOF answered: {exc})") from exc
 
     async def flush_stale(self, older_than: timedelta = timedelta(seconds=10)) -> int:
-        return await flush_outbox(self.redis, self.outbox, self.results_stream, older_than)
+        return await flush_outbox(self.redis, self.outbox, self.results_stream, older_than,
+                                  cluster=self.cluster)
 
     async def hand_off(self, source: Source, message_id: str, stream: str, data: str) -> None:
         """Move an entry to another stream: XADD there + XACK here, atomically."""
@@ -383,16 +404,43 @@ class Publisher:
         return await self.publish(source, [result], extra=[(self.dead_letter_stream, data)])
 
 
+async def publish_staged(redis: aioredis.Redis, outbox: str, results_stream: str,
+                         field: str | bytes) -> int:
+    """Publish one staged result whose stream is in another cluster slot (no script can
+    write both): XADD there, then remove it from the outbox. 0 when it was published before.
+    Not atomic: a crash between the two steps, or two callers at once (a worker stalled past
+    the recovery pass's 10 s), can publish it twice; never zero times."""
+    raw = await redis.hget(outbox, field)
+    if raw is None:
+        return 0
+    target, data, fallback, _ = json.loads(raw)
+    flag = PUBLISHED
+    try:
+        await redis.xadd(target, {"data": data})
+    except ResponseError:  # the reply_to holds another type of key
+        if not fallback:
+            raise
+        await redis.xadd(results_stream, {"data": fallback})
+        flag = TO_FALLBACK
+    await redis.hdel(outbox, field)
+    return flag
+
+
 async def flush_outbox(redis: aioredis.Redis, outbox: str, results_stream: str,
-                       older_than: timedelta = timedelta(seconds=10)) -> int:
-    """Publish durable-mode results staged longer ago than `older_than` (a worker died between
-    its two steps); younger rows may still be waiting for their fsync. Returns how many."""
+                       older_than: timedelta = timedelta(seconds=10), *,
+                       cluster: bool = False) -> int:
+    """Publish results staged longer ago than `older_than` (a worker died between its two
+    steps); younger rows may still be waiting for their fsync. Returns how many."""
     staged = await redis.hgetall(outbox)
     cutoff = time.time() - older_than.total_seconds()
     stale = [field for field, value in staged.items() if float(json.loads(value)[3]) <= cutoff]
     if not stale:
         return 0
-    flags = await redis.register_script(_FLUSH_OUTBOX)(keys=[outbox, results_stream], args=stale)
+    if cluster:
+        flags = [await publish_staged(redis, outbox, results_stream, f) for f in stale]
+    else:
+        flags = await redis.register_script(_FLUSH_OUTBOX)(keys=[outbox, results_stream],
+                                                           args=stale)
     published = sum(1 for f in flags if f)
     if published:
         log.warning("staged_results_published", count=published, outbox=outbox)
