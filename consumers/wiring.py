@@ -105,11 +105,26 @@ def cache_client(url: str, settings: Settings, *, cluster: bool = False) -> aior
 
 
 def blob_store(settings: Settings) -> Blobs:
-    """PROMPTCACHE_BLOBS: the local directories (default) or an S3-compatible bucket."""
+    """PROMPTCACHE_BLOBS: the local directories (default) or an S3-compatible bucket, whose
+    objects results may point at directly (PROMPTCACHE_BLOBS_PUBLIC_URL).
+
+    A public base is refused with URL signing: a bucket or CDN URL cannot carry our HMAC, so
+    the URLs would silently be unsigned and never expire; and with local files, which have no
+    URL but the web process's (PROMPTCACHE_PUBLIC_URL, a CDN may front that)."""
+    if settings.blobs_public_url:  # empty: unset
+        if not settings.blobs.startswith("s3://"):
+            raise ConfigError("PROMPTCACHE_BLOBS_PUBLIC_URL needs PROMPTCACHE_BLOBS=s3://bucket/"
+                              "prefix (local images are served by `promptcache web`: point "
+                              "PROMPTCACHE_PUBLIC_URL at it, or at a CDN in front of it)")
+        if settings.url_signing_key is not None:
+            raise ConfigError("PROMPTCACHE_BLOBS_PUBLIC_URL and PROMPTCACHE_URL_SIGNING_KEY "
+                              "exclude each other: a bucket or CDN URL cannot carry the "
+                              "signature and would never expire (unset PROMPTCACHE_BLOBS_"
+                              "PUBLIC_URL to keep signed URLs via `promptcache web`)")
     if settings.blobs.startswith("s3://"):
         from promptcache.storage.s3 import S3BlobStore  # obstore only loaded when used
 
-        return S3BlobStore(settings.blobs)
+        return S3BlobStore(settings.blobs, public_base=settings.blobs_public_url or None)
     return BlobStore(settings.images_dir, settings.thumbnails_dir)
 
 

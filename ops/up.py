@@ -27,7 +27,7 @@ from promptcache.config import Settings
 from promptcache.logs import CHILD_QUIET_ENV
 from ops.embedded_servers import EmbeddedPostgres, EmbeddedValkey
 from ops.stack_state import StackState, StaleState, read_state, remove_state
-from consumers.wiring import streams_client
+from consumers.wiring import blob_store, streams_client
 from promptcache.storage.migrate import apply
 
 log = structlog.get_logger(__name__)
@@ -63,6 +63,7 @@ class Stack:
 
     def start(self) -> dict[str, str]:
         s = self.settings
+        blob_store(s)  # a refused PROMPTCACHE_BLOBS* combination stops here, before any child
         s.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             running = read_state(s.data_dir)

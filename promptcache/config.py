@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     # where images live: "file" = data_dir/images and data_dir/thumbnails; "s3://bucket/prefix"
     # = an S3-compatible bucket, with the standard AWS_* variables (AWS_ENDPOINT_URL, ...)
     blobs: str = Field("file", pattern=r"^(file|s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?)$")
+    # s3 only: the base under which the bucket's objects are publicly readable (a CDN in front
+    # of it, or the public-read bucket itself); image_url/thumbnail_url are then this base + the
+    # object key, straight to the bucket, not via `promptcache web`. Unset: PUBLIC_URL (web).
+    # Refused with PROMPTCACHE_BLOBS=file or with URL signing (consumers/wiring.blob_store);
+    # empty = unset.
+    blobs_public_url: str | None = Field(None, pattern=r"^(https?://[^\s?#]+)?$")
 
     embedded_redis_port: int = Field(8751, ge=0, le=65535)  # `up` without REDIS_URL; 0 = any free
 

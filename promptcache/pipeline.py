@@ -145,6 +145,10 @@ class Pipeline:
         self._prepared: OrderedDict[_PrepareKey, Prepared] = OrderedDict()
 
     def _urls(self, blob_sha256: str, content_type: str) -> tuple[str, str]:
+        """Straight at the store when it has public URLs (S3 with PROMPTCACHE_BLOBS_PUBLIC_URL,
+        never signed: the wiring refuses it with signing), else via the web process."""
+        if (direct := self.blobs.public_urls(blob_sha256, content_type)) is not None:
+            return direct
         ext = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}[content_type]
         image, thumbnail = f"/images/{blob_sha256}.{ext}", f"/thumbnails/{blob_sha256}.webp"
         if self.signer is None:

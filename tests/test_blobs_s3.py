@@ -4,6 +4,7 @@ bucket with boto3, a client independent of the store's obstore."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -19,9 +20,11 @@ from pydantic import ValidationError
 
 from consumers.janitor import Janitor
 from consumers.wiring import blob_store, registry
+from ops import cli
 from ops.embedded_servers import free_port
 from ops.web import build_app
 from promptcache.config import Settings
+from promptcache.errors import ConfigError
 from promptcache.signing import UrlSigner
 from promptcache.storage.blobs import BlobStore
 from promptcache.storage.s3 import S3BlobStore
@@ -205,3 +208,107 @@ def test_keys_of_other_stores_in_the_bucket_are_left_alone(s3_settings, bucket):
     client.put_object(Bucket=name, Key="cache/v1/images/notes.txt", Body=b"not ours")
     client.put_object(Bucket=name, Key="elsewhere/images/aa/bb/" + "a" * 64 + ".png", Body=b"x")
     assert list(blob_store(s3_settings).listing()) == []
+
+
+def _public_read(bucket) -> None:
+    """Anonymous GETs of the bucket's objects allowed (moto enforces the policy: 403 without)."""
+    client, name = bucket
+    client.put_bucket_policy(Bucket=name, Policy=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
+                       "Resource": f"arn:aws:s3:::{name}/*"}]}))
+
+
+async def test_a_public_base_hands_out_urls_straight_at_the_bucket(
+        tmp_path, redis_url, redis, keys, bucket, s3_endpoint):
+    base = f"{s3_endpoint}/{bucket[1]}/"  # moto's path-style URL: the public-read bucket itself
+    settings = make_settings(tmp_path, redis_url, keys, blobs=f"s3://{bucket[1]}/cache/v1",
+                             blobs_public_url=base)
+    generator = CountingGenerator()
+    await send(redis, keys.requests, request_id="p1", prompt="a tram in the snow")
+    await worker_for(settings, redis, generator).run(burst=True)
+    first = (await results(redis, keys.results))[0]
+    assert (first.status, first.cache) == ("ok", "miss")
+    sha = _sha(first)
+    shard = f"{sha[:2]}/{sha[2:4]}"
+    image_key = f"cache/v1/images/{shard}/{sha}.png"
+    thumb_key = f"cache/v1/thumbnails/{shard}/{sha}.webp"
+    assert first.image_url == f"{s3_endpoint}/{bucket[1]}/{image_key}"  # no web, no signature
+    assert first.thumbnail_url == f"{s3_endpoint}/{bucket[1]}/{thumb_key}"
+    objects = _objects(bucket)
+    async with httpx.AsyncClient() as anonymous:  # no credentials, as a browser
+        assert (await anonymous.get(first.image_url)).status_code == 403  # not public yet
+        _public_read(bucket)
+        for url, key, ctype in ((first.image_url, image_key, "image/png"),
+                                (first.thumbnail_url, thumb_key, "image/webp")):
+            fetched = await anonymous.get(url)
+            assert (fetched.status_code, fetched.content) == (200, objects[key])
+            assert fetched.headers["content-type"] == ctype
+        assert objects[image_key][:8] == b"\x89PNG\r\n\x1a\n"
+
+    await send(redis, keys.requests, request_id="p2", prompt="a tram in the snow")
+    await worker_for(settings, redis, generator).run(burst=True)
+    hit = [r for r in await results(redis, keys.results) if r.request_id == "p2"][0]
+    assert (hit.cache, hit.image_url, hit.thumbnail_url) == ("exact", first.image_url,
+                                                             first.thumbnail_url)
+    assert len(generator.calls) == 1
+
+
+async def test_without_a_public_base_urls_go_through_the_web_which_redirects(
+        redis, keys, s3_settings, bucket, s3_endpoint):
+    await send(redis, keys.requests, request_id="d1", prompt="a kettle on a stove")
+    await worker_for(s3_settings, redis, CountingGenerator()).run(burst=True)
+    result = (await results(redis, keys.results))[0]
+    web = s3_settings.effective_public_url
+    assert result.image_url.startswith(f"{web}/images/")
+    assert result.thumbnail_url.startswith(f"{web}/thumbnails/")
+    objects = _objects(bucket)
+    app = build_app(blobs=blob_store(s3_settings), redis=None, cache=redis, keys=keys)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=web) as client, \
+            httpx.AsyncClient() as outside:
+        for url, kind in ((result.image_url, "images"), (result.thumbnail_url, "thumbnails")):
+            response = await client.get(url)
+            assert response.status_code == 302
+            fetched = await outside.get(response.headers["location"])  # the presigned GET
+            name = url.rsplit("/", 1)[1]
+            assert (fetched.status_code, fetched.content) == (
+                200, objects[f"cache/v1/{kind}/{name[:2]}/{name[2:4]}/{name}"])
+
+
+def test_a_public_base_is_refused_without_s3_or_with_signing(tmp_path, redis_url, keys, bucket):
+    s3 = f"s3://{bucket[1]}/p"
+    with pytest.raises(ConfigError, match="needs PROMPTCACHE_BLOBS=s3"):
+        blob_store(make_settings(tmp_path, redis_url, keys,
+                                 blobs_public_url="https://cdn.example.com"))
+    with pytest.raises(ConfigError, match="PROMPTCACHE_URL_SIGNING_KEY"):
+        blob_store(make_settings(tmp_path, redis_url, keys, blobs=s3, url_signing_key="k" * 32,
+                                 blobs_public_url="https://cdn.example.com"))
+    for wrong in ("cdn.example.com", "ftp://cdn.example.com", "https://cdn.example.com/?a=b"):
+        with pytest.raises(ValidationError):
+            make_settings(tmp_path, redis_url, keys, blobs=s3, blobs_public_url=wrong)
+    store = blob_store(make_settings(tmp_path, redis_url, keys, blobs=s3,
+                                     blobs_public_url="https://cdn.example.com/img/"))
+    assert store.public_urls("ab" * 32, "image/jpeg") == (
+        f"https://cdn.example.com/img/p/images/ab/ab/{'ab' * 32}.jpg",
+        f"https://cdn.example.com/img/p/thumbnails/ab/ab/{'ab' * 32}.webp")
+    assert blob_store(make_settings(tmp_path, redis_url, keys, blobs=s3)).public_urls(
+        "ab" * 32, "image/png") is None
+    assert blob_store(make_settings(tmp_path, redis_url, keys)).public_urls(
+        "ab" * 32, "image/png") is None
+    for unset in ({"blobs": s3}, {}):  # empty (compose's `${VAR:-}`) is unset, never refused
+        assert blob_store(make_settings(tmp_path, redis_url, keys, blobs_public_url="",
+                                        url_signing_key="k" * 32, **unset)).public_urls(
+            "ab" * 32, "image/png") is None
+
+
+@pytest.mark.parametrize("command", ["web", "up"])
+def test_the_commands_refuse_a_public_base_with_signing_at_start(
+        command, tmp_path, redis_url, bucket, monkeypatch, capsys):
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("PROMPTCACHE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("PROMPTCACHE_BLOBS", f"s3://{bucket[1]}/p")
+    monkeypatch.setenv("PROMPTCACHE_BLOBS_PUBLIC_URL", "https://cdn.example.com")
+    monkeypatch.setenv("PROMPTCACHE_URL_SIGNING_KEY", "k" * 32)
+    assert cli.main([command]) == cli.RET_USAGE
+    assert "PROMPTCACHE_BLOBS_PUBLIC_URL and PROMPTCACHE_URL_SIGNING_KEY" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()  # `up`: refused before it started anything

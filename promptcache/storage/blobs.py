@@ -110,6 +110,10 @@ class BlobStore:
     def thumbnail_location(self, name: str) -> Path | None:
         return self.thumbnail_path(name)
 
+    def public_urls(self, sha256: str, content_type: str) -> None:
+        """Local files have no URL of their own: `promptcache web` serves them."""
+        return None
+
     def put(self, data: bytes, content_type: str, thumbnail: bytes) -> StoredBlob:
         """Store an image and its thumbnail (sync; run in a thread). Idempotent."""
         blob = self.describe(data, content_type, thumbnail)

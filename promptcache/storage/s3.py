@@ -9,7 +9,10 @@ standard `AWS_*` variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_R
   sha256 is written once, a repeat or a race finds it there and is not an error;
 - `exists` is a HEAD, `delete` a HEAD (for the bytes freed) then a DELETE;
 - the orphan sweep lists the bucket page by page (LIST with continuation);
-- images are served by redirecting to a presigned GET (`image_location`).
+- images are served by redirecting to a presigned GET (`image_location`);
+- with a public base (`PROMPTCACHE_BLOBS_PUBLIC_URL`: a CDN in front of the bucket, or the
+  public-read bucket itself), results carry `<base>/<key>` instead (`public_urls`), read straight
+  from the bucket without the web process.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from datetime import timedelta
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import obstore
 import structlog
@@ -41,8 +44,13 @@ def parse_url(url: str) -> tuple[str, str]:
 
 
 class S3BlobStore:
-    def __init__(self, url: str, *, presign_ttl: timedelta = PRESIGN_TTL) -> None:
+    def __init__(self, url: str, *, presign_ttl: timedelta = PRESIGN_TTL,
+                 public_base: str | None = None) -> None:
+        """`public_base`: where the bucket's objects are publicly readable, e.g.
+        `https://cdn.example.com` (a CDN whose origin is the bucket) or
+        `https://bucket.s3.eu-west-1.amazonaws.com`; an object's URL is the base + its key."""
         self.bucket, self.prefix = parse_url(url)
+        self.public_base = public_base.rstrip("/") if public_base else None
         endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
                     or os.environ.get("AWS_ENDPOINT") or "")
         # the rest (keys, region, endpoint) from the AWS_* variables; plain http only when the
@@ -119,3 +127,13 @@ class S3BlobStore:
 
     def thumbnail_location(self, name: str) -> str | None:
         return self._location("thumbnails", name)
+
+    def public_urls(self, sha256: str, content_type: str) -> tuple[str, str] | None:
+        """`<public_base>/<prefix>/images/ab/cd/<sha256>.<ext>` and the thumbnail's, or None
+        without a public base (then `promptcache web` redirects to a presigned GET)."""
+        if self.public_base is None:
+            return None
+        image = self._key("images", f"{sha256}.{EXTENSIONS[content_type]}")
+        thumbnail = self._key("thumbnails", f"{sha256}.webp")
+        return (f"{self.public_base}/{quote(image, safe='/')}",
+                f"{self.public_base}/{quote(thumbnail, safe='/')}")

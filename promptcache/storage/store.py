@@ -1,9 +1,11 @@
 """What the cache needs of a blob store, whichever holds the bytes.
 
 Two stores implement it: `blobs.BlobStore` (the local filesystem, the default) and
-`s3.S3BlobStore` (`PROMPTCACHE_BLOBS=s3://bucket/prefix`). Writes are content-addressed and
-create-if-absent, so repeating one is harmless; the registry keeps the byte account, the cap,
-the TTL and the flags above either store.
+`s3.S3BlobStore` (`PROMPTCACHE_BLOBS=s3://bucket/prefix`). Each alone knows where its objects
+live: the web process asks it for a name's location, the pipeline for direct URLs
+(`public_urls`; only the S3 store with `PROMPTCACHE_BLOBS_PUBLIC_URL` has them). Writes are
+content-addressed and create-if-absent, so repeating one is harmless; the registry keeps the
+byte account, the cap, the TTL and the flags above either store.
 """
 
 from __future__ import annotations
@@ -46,3 +48,9 @@ class Blobs(Protocol):
         ...
 
     def thumbnail_location(self, name: str) -> Path | str | None: ...
+
+    def public_urls(self, sha256: str, content_type: str) -> tuple[str, str] | None:
+        """The image's and its thumbnail's URLs straight at the store (a public-read bucket or
+        a CDN in front of it), for results to hand out; None when images are served by
+        `promptcache web` (`/images/<name>`, `/thumbnails/<name>`) instead. Pure, no I/O."""
+        ...
