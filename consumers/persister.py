@@ -87,6 +87,12 @@ class Persister:
         """Stop reading; a batch being retried through an outage stays pending."""
         self.stopper.stop()
 
+
+    def _event_id(self, message_id: str) -> str:
+        """What PostgreSQL remembers an applied event by: its change stream's entry id, with
+        the shard when there are several (ids of two streams can be equal)."""
+        return f"{self.keys.shard}/{message_id}" if self.keys.shards > 1 else message_id
+
     async def run(self, *, burst: bool = False) -> None:
         """Until stop(); with burst=True, until the change stream has nothing for us."""
         await self.loop.ensure_group()
@@ -150,7 +156,8 @@ class Persister:
         if not events:
             return []
         try:
-            await self.store.apply_changes([(d.message_id, e) for d, e in events])
+            await self.store.apply_changes([(self._event_id(d.message_id), e)
+                                            for d, e in events])
             return []
         except Exception as exc:
             if not is_data_error(exc):

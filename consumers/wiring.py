@@ -342,9 +342,9 @@ async def run_worker(settings: Settings, *, burst: bool = False,
             semantic_loop = SemanticLoop(semantic, follow_redis, settings, consumer)
             loops.append((semantic_loop.stop, semantic_loop.run))
         if settings.database_url:
-            store = MetadataStore(settings.database_url)
-            stack.push_async_callback(store.aclose)
-            for shard in keys.all_shards():
+            for shard in keys.all_shards():  # a connection each: one transaction at a time
+                store = MetadataStore(settings.database_url)
+                stack.push_async_callback(store.aclose)
                 persister = Persister(redis=redis, keys=shard, store=store, consumer=consumer,
                                       claim_idle=settings.claim_idle, block=settings.block)
                 loops.append((persister.stop, persister.run))
