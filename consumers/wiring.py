@@ -52,13 +52,12 @@ def require_redis_url(settings: Settings) -> str:
 
 
 def streams_client(url: str, max_connections: int = 64, *,
-                   cluster: bool | None = None) -> aioredis.Redis:
+                   cluster: bool = False) -> aioredis.Redis:
     """The streams Redis. A blocking pool: under a burst, requests wait for a connection
     instead of failing with "Too many connections". BLOCK (<= 2 s) stays well under the 5 s
-    socket timeout. On a cluster (`cluster`; None: ask the server), a cluster client found
-    from this one node: it follows MOVED/ASK and, after a failover, finds the new primary."""
-    if cluster is None:
-        cluster = is_cluster(url)
+    socket timeout. On a cluster (`cluster`: `promptcache.topology.is_cluster` tells), a
+    cluster client found from this one node: it follows MOVED/ASK and, after a failover, finds
+    the new primary."""
     if cluster:
         return cluster_client(url, max_connections=max(max_connections, 64) * 4,
                               socket_timeout=5, socket_connect_timeout=3)

@@ -28,6 +28,7 @@ from promptcache.logs import CHILD_QUIET_ENV
 from ops.embedded_servers import EmbeddedPostgres, EmbeddedValkey
 from ops.stack_state import StackState, StaleState, read_state, remove_state
 from consumers.wiring import blob_store, streams_client
+from promptcache.topology import is_cluster
 from promptcache.storage.migrate import apply
 
 log = structlog.get_logger(__name__)
@@ -195,7 +196,7 @@ def demo(redis_url: str, settings: Settings, count: int, say: object = print) ->
     from ops.demo import render_table, run_demo
 
     async def go() -> None:
-        redis = streams_client(redis_url)
+        redis = streams_client(redis_url, cluster=is_cluster(redis_url, settings.cluster))
         try:
             semantic = settings.embeddings != "off"
             say(f"demo: sending {count} real prompts, then the same prompts retyped"  # type: ignore[operator]
