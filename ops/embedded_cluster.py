@@ -253,9 +253,10 @@ class EmbeddedCluster:
         raise RuntimeError(f"slot {slot} has no owner")
 
     def wait_ok(self, timeout: float = 30.0) -> None:
-        """Wait until every live node reports cluster_state:ok with all slots served, all of
-        them have the same slot map and see each other as up, and every replica's link to its
-        primary is up. Raises RuntimeError, naming the log, on timeout or a child exiting."""
+        """Wait until every live node reports cluster_state:ok with all slots served by running
+        nodes, all of them have the same slot map and see each other as up, and every
+        replica's link to its primary is up. Raises RuntimeError, naming the logs, on timeout
+        or when a node this object did not stop has exited."""
         deadline = time.monotonic() + timeout
         reason = "not checked yet"
         while True:
@@ -293,6 +294,9 @@ class EmbeddedCluster:
             for address in live_addresses:
                 if address not in seen or seen[address].failing:
                     return f"{node.address} does not see {address} as up"
+            for entry in view:  # right after a kill the others still count on the dead node
+                if entry.is_primary and entry.slots and entry.address not in live_addresses:
+                    return f"{node.address} has slots served by {entry.address}, not running"
             me = next(entry for entry in view if "myself" in entry.flags)
             if not me.is_primary:
                 link = node.info("replication").get("master_link_status")
