@@ -188,12 +188,16 @@ def test_failover_keeps_acknowledged_writes_and_the_client_follows(tmp_path: Pat
 
 async def test_killed_primary_is_replaced_and_clients_recover(tmp_path: Path) -> None:
     with start_cluster(tmp_path / "cluster", replicas=1) as cluster:
-        written = write_replicated(cluster)
         # a retry budget (~27 s of backoff) longer than node timeout + election
         riding = AsyncRedisCluster.from_url(
             cluster.url, retry=Retry(ExponentialBackoff(cap=1, base=0.1), 30))
         default = AsyncRedisCluster.from_url(cluster.url)
         try:
+            for stream in STREAMS:  # a consumer group with one pending entry on every shard
+                await riding.xgroup_create(stream, "workers", id="0", mkstream=True)
+                await riding.xadd(stream, {"data": "before"})
+                assert await riding.xreadgroup("workers", "w1", {stream: ">"}, block=1000)
+            written = write_replicated(cluster)  # WAITs after the stream writes too
             for client in (riding, default):  # both hold connections to every primary
                 for key, value in written.items():
                     assert await client.get(key) == value.encode()
@@ -201,11 +205,21 @@ async def test_killed_primary_is_replaced_and_clients_recover(tmp_path: Path) ->
             heir = cluster.replicas_of(victim)[0]
             on_victim = [key for key in written
                          if cluster.primary_for_slot(key_slot(key.encode())) is victim]
+            stream = next(s for s in STREAMS
+                          if cluster.primary_for_slot(key_slot(s.encode())) is victim)
+            # a worker's read, blocked on the victim when it dies (BLOCK under the 5 s
+            # socket timeout redis-py has by default)
+            reader = asyncio.create_task(
+                riding.xreadgroup("workers", "w1", {stream: ">"}, block=3000))
+            while int(victim.info("clients")["blocked_clients"]) < 1:
+                assert not reader.done(), reader
+                await asyncio.sleep(0.02)
 
             cluster.kill(victim)
 
             # sent while the slots have no live primary: retried until the replica takes over
             assert await riding.get(on_victim[0]) == written[on_victim[0]].encode()
+            assert not await asyncio.wait_for(reader, WAIT_OK)  # re-sent to the heir: empty
             cluster.wait_ok(WAIT_OK)
             assert heir.myself().is_primary and not victim.alive
             assert victim not in cluster.primaries() + cluster.replicas()
@@ -214,6 +228,11 @@ async def test_killed_primary_is_replaced_and_clients_recover(tmp_path: Path) ->
                 for key, value in written.items():
                     assert await client.get(key) == value.encode()
                 await client.set(f"{on_victim[0]}:after", "yes")
+            # the group and its pending entry were replicated: the heir has them
+            assert (await default.xpending(stream, "workers"))["pending"] == 1
+            added = await default.xadd(stream, {"data": "after"})
+            got = await default.xreadgroup("workers", "w2", {stream: ">"}, block=1000)
+            assert got[0][1] == [(added, {b"data": b"after"})]
 
             cluster.restart(victim)  # the old primary comes back as the heir's replica
             cluster.wait_ok(WAIT_OK)
