@@ -144,6 +144,10 @@ class EmbeddedCluster:
         return [node.url for node in self.nodes if node.alive]
 
     def start(self, timeout: float = 30.0) -> EmbeddedCluster:
+        """Launch the nodes, `valkey-cli --cluster create` them and wait until the cluster is
+        ok; on any failure every node started is stopped again."""
+        if self.nodes:
+            raise RuntimeError("this cluster was started already; make a new EmbeddedCluster")
         began = time.monotonic()
         deadline = began + timeout
         self.data_dir.mkdir(parents=True, exist_ok=True)
