@@ -19,6 +19,7 @@ from promptcache.config import Settings
 from ops.embedded_servers import EmbeddedPostgres, EmbeddedValkey
 from promptcache.keys import Keys
 from promptcache.storage.migrate import apply
+from tests.cluster_fixtures import valkey_cluster  # noqa: F401 - the shared Valkey Cluster
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # Keys that are an account rather than a cache and so carry no TTL (the janitor owns them).
