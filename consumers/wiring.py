@@ -12,6 +12,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from promptcache.cache.bypass import BypassImages
@@ -59,8 +61,11 @@ def streams_client(url: str, max_connections: int = 64, *,
     cluster client found from this one node: it follows MOVED/ASK and, after a failover, finds
     the new primary."""
     if cluster:
+        # a killed primary's slots are unserved for about the node timeout (2-4 s measured
+        # with a 2 s timeout): retried with backoff for up to about 15 s before it is an error
         return cluster_client(url, max_connections=max(max_connections, 64) * 4,
-                              socket_timeout=5, socket_connect_timeout=3)
+                              socket_timeout=5, socket_connect_timeout=3,
+                              retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 20))
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=30, socket_timeout=5,
         socket_connect_timeout=3, health_check_interval=15)

@@ -18,6 +18,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -31,6 +32,7 @@ from ops.embedded_servers import free_port
 from ops.metrics import RedisCollector
 from promptcache.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
 from schemas.events import Request, Result
+from tests.cluster_fixtures import start_cluster
 from tests.helpers import group_state, process_env, start_worker, stop_processes, wait_for
 from tests.test_blobs_s3 import bucket, s3_endpoint  # noqa: F401 - fixtures
 
@@ -38,8 +40,10 @@ SHARDS = 3
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    with EmbeddedCluster(tmp_path_factory.mktemp("cluster"), primaries=3, replicas=1) as c:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedCluster]:
+    """This module's own cluster (3 primaries + a replica each): its tests fail over and kill
+    primaries, which the session's shared `valkey_cluster` must not see."""
+    with start_cluster(tmp_path_factory.mktemp("cluster")) as c:
         yield c
 
 

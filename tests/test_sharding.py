@@ -1,0 +1,78 @@
+"""The names of shared/CONTRACT.md "Sharded streams", and telling a cluster from one server."""
+
+from __future__ import annotations
+
+import zlib
+from datetime import timedelta
+
+import pytest
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+
+from promptcache.errors import ConfigError
+from promptcache.keys import Keys, shard_of
+from promptcache.streams import Publisher
+from promptcache.topology import is_cluster, keys_for
+
+
+def test_one_server_keeps_its_names():
+    keys = Keys("promptcache")
+    assert (keys.requests, keys.results, keys.dead_letter, keys.done("r1")) == (
+        "promptcache:requests", "promptcache:results", "promptcache:dead-letter",
+        "promptcache:done:r1")
+    assert keys.exact("k") == "promptcache:cache:exact:k"
+    assert [k.requests for k in keys.all_shards()] == ["promptcache:requests"]
+
+
+def test_shard_s_lives_under_its_hash_tag_and_the_cache_under_the_prefix_tag():
+    keys = Keys("promptcache", shards=3, cluster=True)
+    shard = keys.for_shard(2)
+    assert (shard.requests, shard.results, shard.dead_letter) == (
+        "{promptcache:2}:requests", "{promptcache:2}:results", "{promptcache:2}:dead-letter")
+    # everything one publish script touches is in the shard's slot
+    slot = key_slot(shard.requests.encode())
+    for name in (shard.results, shard.generate, shard.changes, shard.outbox, shard.done("x"),
+                 shard.metrics_results, shard.metrics_scopes, shard.metrics_latency("exact"),
+                 shard.changes_dead_letter):
+        assert key_slot(name.encode()) == slot, name
+    # the cache store's keys share one slot: the registry's scripts stay atomic
+    cache = {key_slot(n.encode()) for n in (keys.exact("k"), keys.entries, keys.lru,
+                                            keys.stored_bytes, keys.semantic_vectors,
+                                            keys.semantic_log, keys.janitor_lock)}
+    assert len(cache) == 1
+    with pytest.raises(ValueError):
+        keys.for_shard(3)
+
+
+def test_a_producer_picks_crc32_of_the_request_id_mod_n():
+    keys = Keys("promptcache", shards=5)
+    for rid in ("req-8f14e45f", "a", "ünïcode-id", "x" * 128):
+        assert shard_of(rid, 5) == zlib.crc32(rid.encode("utf-8")) % 5
+        assert keys.for_request(rid).requests == f"{{promptcache:{shard_of(rid, 5)}}}:requests"
+    assert shard_of("anything", 1) == 0
+
+
+def test_n_is_1_on_a_cluster_uses_shard_0s_tag():
+    keys = Keys("promptcache", cluster=True)
+    assert keys.requests == "{promptcache:0}:requests"
+
+
+def test_cluster_mode_is_detected_from_the_server(redis_url, valkey_cluster):
+    assert is_cluster(redis_url) is False
+    assert is_cluster(valkey_cluster.url) is True
+    assert is_cluster(valkey_cluster.url, "off") is False  # the setting wins
+    assert keys_for("p", redis_url=valkey_cluster.url, shards=2) == Keys("p", shards=2,
+                                                                         cluster=True)
+    assert keys_for("p", redis_url=redis_url) == Keys("p")
+
+
+async def test_durable_results_are_refused_on_a_cluster(redis_url):
+    client = aioredis.Redis.from_url(redis_url)
+    keys = Keys("p", cluster=True)
+    publisher = Publisher(client, dead_letter_stream=keys.dead_letter, changes_stream=keys.changes,
+                          results_stream=keys.results, metrics_results=keys.metrics_results,
+                          done_ttl=timedelta(days=1), outbox=keys.outbox,
+                          metrics_scopes=keys.metrics_scopes, durable=True, cluster=True)
+    with pytest.raises(ConfigError, match="not supported on a cluster"):
+        await publisher.check_durable()
+    await client.aclose()
