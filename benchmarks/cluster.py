@@ -508,37 +508,34 @@ def medians(repeats: list[dict[str, Any]]) -> dict[str, Any]:
 # --- the prediction ---------------------------------------------------------------------------
 
 def prediction(report: dict[str, Any]) -> dict[str, Any]:
-    """A stream primary's and the cache slot's primary's ceilings from the per-node CPU."""
-    configs = report.get("configs", {})
-    stream: list[tuple[str, float]] = []
-    cache: list[tuple[str, float]] = []
+    """Per cluster configuration, a stream-shard primary's ceiling (1 / its CPU seconds per hit
+    of its own shard, median over the shard-only primaries); the cache slot's primary's ceiling
+    (1 / its CPU seconds per hit, where it carries no shard); how many stream primaries one
+    cache slot feeds (the ratio)."""
+    configs = {name: c for name, c in report.get("configs", {}).items()
+               if c.get("cluster") and c.get("medians")}
+    out: dict[str, Any] = {"stream": {}, "cache": {}, "cache_estimate_beside_a_shard": {}}
     for name, c in configs.items():
-        if not c.get("cluster"):
-            continue
-        for n in (c.get("medians") or {}).get("nodes", []):
-            if n.get("shards") and not n.get("cache_slot") and n.get("stream_cpu_us_per_own_hit"):
-                stream.append((f"{name} :{n['port']} ({n['role']})",
-                               n["stream_cpu_us_per_own_hit"]))
-            if n.get("cache_slot") and not n.get("shards") and n.get("cache_cpu_us_per_hit"):
-                cache.append((f"{name} :{n['port']} ({n['role']})", n["cache_cpu_us_per_hit"]))
-    # a primary that carries a shard and the cache slot: its cache part estimated (split_mixed)
-    mixed = [(f"{name} :{n['port']} ({n['role']})", n.get("cache_cpu_us_per_hit_est"))
-             for name, c in configs.items() if c.get("cluster")
-             for n in (c.get("medians") or {}).get("nodes", [])
-             if n.get("shards") and n.get("cache_slot")]
-    out: dict[str, Any] = {"stream_primaries": stream, "cache_primaries": cache,
-                           "mixed_primaries_cache_estimate": mixed}
-    if stream:
-        s = statistics.median(v for _, v in stream)
-        out["stream_cpu_us_per_hit"] = round(s, 2)
-        out["stream_primary_ceiling_hits_per_s"] = round(1e6 / s)
-    if cache:
-        c = statistics.median(v for _, v in cache)
-        out["cache_cpu_us_per_hit"] = round(c, 2)
-        out["cache_primary_ceiling_hits_per_s"] = round(1e6 / c)
-    if stream and cache:
-        out["stream_primaries_one_cache_slot_feeds"] = round(
-            out["cache_primary_ceiling_hits_per_s"] / out["stream_primary_ceiling_hits_per_s"], 1)
+        nodes = c["medians"]["nodes"]
+        stream = [n["stream_cpu_us_per_own_hit"] for n in nodes
+                  if n.get("stream_cpu_us_per_own_hit")]
+        if stream:
+            us = statistics.median(stream)
+            out["stream"][name] = {"cpu_us_per_hit": round(us, 2), "primaries": len(stream),
+                                   "ceiling_hits_per_s": round(1e6 / us)}
+        for n in nodes:
+            if n.get("cache_cpu_us_per_hit"):
+                us = n["cache_cpu_us_per_hit"]
+                out["cache"][name] = {"cpu_us_per_hit": us, "port": n["port"],
+                                      "ceiling_hits_per_s": round(1e6 / us)}
+            if n.get("cache_cpu_us_per_hit_est") is not None:
+                out["cache_estimate_beside_a_shard"][name] = {
+                    "cpu_us_per_hit": n["cache_cpu_us_per_hit_est"], "port": n["port"]}
+    if out["cache"] and out["stream"]:
+        cache = statistics.median(c["ceiling_hits_per_s"] for c in out["cache"].values())
+        out["cache_ceiling_hits_per_s"] = round(cache)
+        out["stream_primaries_one_cache_slot_feeds"] = {
+            name: round(cache / st["ceiling_hits_per_s"], 1) for name, st in out["stream"].items()}
     return out
 
 
@@ -662,24 +659,22 @@ def render(report: dict[str, Any]) -> str:
     pr = report.get("prediction") or {}
     if pr:
         lines += ["", "prediction (one core per primary; CPU per hit as measured here):"]
-        if "stream_cpu_us_per_hit" in pr:
-            lines.append(f"  a stream-shard primary: {pr['stream_cpu_us_per_hit']} µs per hit of "
-                         f"its shard -> ceiling {pr['stream_primary_ceiling_hits_per_s']:,} "
-                         f"hits/s per stream primary (median of {len(pr['stream_primaries'])} "
-                         "shard-only primaries)")
-        if "cache_cpu_us_per_hit" in pr:
-            lines.append(f"  the cache slot's primary: {pr['cache_cpu_us_per_hit']} µs per hit "
-                         f"(cache commands only) -> ceiling "
-                         f"{pr['cache_primary_ceiling_hits_per_s']:,} hits/s for the whole "
-                         "cluster")
-        if "stream_primaries_one_cache_slot_feeds" in pr:
-            lines.append(f"  -> one cache slot can feed about "
-                         f"{pr['stream_primaries_one_cache_slot_feeds']} saturated stream "
-                         "primaries before it saturates")
-        for label, c in pr.get("mixed_primaries_cache_estimate", []):
-            lines.append(f"  cross-check, {label}: its CPU minus its shard's hits x the "
-                         f"shard-only primaries' µs per hit leaves {_f(c)} µs per hit for the "
-                         "cache slot")
+        for name, st in pr.get("stream", {}).items():
+            lines.append(f"  a stream-shard primary ({name}, median of {st['primaries']}): "
+                         f"{st['cpu_us_per_hit']} µs per hit of its shard -> ceiling "
+                         f"{st['ceiling_hits_per_s']:,} hits/s per stream primary")
+        for name, ca in pr.get("cache", {}).items():
+            lines.append(f"  the cache slot's primary ({name}, no shard beside it): "
+                         f"{ca['cpu_us_per_hit']} µs per hit -> ceiling "
+                         f"{ca['ceiling_hits_per_s']:,} hits/s for the whole cluster")
+        for name, feeds in pr.get("stream_primaries_one_cache_slot_feeds", {}).items():
+            lines.append(f"  -> one cache slot feeds about {feeds} saturated stream primaries "
+                         f"at {name}'s stream cost before it saturates")
+        for name, est in pr.get("cache_estimate_beside_a_shard", {}).items():
+            lines.append(f"  cross-check ({name}, :{est['port']}: a shard and the cache slot): "
+                         "its CPU minus its shard's hits x the shard-only primaries' µs per hit "
+                         f"leaves {est['cpu_us_per_hit']} µs per hit for the cache slot (noisy: a "
+                         "difference of larger figures)")
     lines += [
         "",
         f"note: on this {m['nproc']}-CPU box every node, the workers and this producer share "
