@@ -29,11 +29,13 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 
 from promptcache.cache.compare import COMPARE_AND_DELETE
+from promptcache.cache.scripted import scripted_pipeline
 from promptcache.keys import Keys
 from promptcache.storage.store import Blobs
 from schemas.events import ChangeEvent
@@ -318,12 +320,13 @@ class EntryRegistry:
 
     async def evict_many(self, entry_ids: list[str], *, reason: str) -> list[Eviction]:
         """`evict` for a batch, in two pipelined round trips (and the file deletions between)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async def unregister(pipe: Any) -> None:
             for entry_id in entry_ids:
                 await self._unregister(keys=self._unregister_keys,
                                        args=[entry_id, self._mark_ms, *self._forget_args],
                                        client=pipe)
-            replies = await pipe.execute()
+
+        replies = await scripted_pipeline(self.redis, [self._unregister], unregister)
         done = [Eviction(Registered.from_json(entry_id, reply[0]), int(reply[1]))
                 for entry_id, reply in zip(entry_ids, replies, strict=True) if reply]
         if not done:
@@ -337,7 +340,7 @@ class EntryRegistry:
                                         eviction.entry.content_type)
             log.debug("entry_evicted", entry_id=eviction.entry.entry_id, reason=reason,
                       freed=eviction.freed)
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async def release(pipe: Any) -> None:
             for eviction in done:
                 if eviction.freed:
                     await self._deleted(keys=[self.deleting_key, self.keys.stored_bytes],
@@ -346,7 +349,8 @@ class EntryRegistry:
                 await self._delete_if_same(keys=[self.keys.exact(eviction.entry.cache_key)],
                                            args=[eviction.entry.entry_id, "entry_id"],
                                            client=pipe)
-            await pipe.execute()
+
+        await scripted_pipeline(self.redis, [self._deleted, self._delete_if_same], release)
         return done
 
     async def evict_lru(self, *, need: int = 0, reason: str, batch: int = 64) -> list[Eviction]:
