@@ -13,7 +13,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from promptcache.cache.bypass import BypassImages
@@ -99,7 +99,7 @@ def cache_client(url: str, settings: Settings, *, cluster: bool = False) -> aior
     if cluster:
         return cluster_client(url, max_connections=256, socket_timeout=max(timeout, 0.25),
                               socket_connect_timeout=max(timeout, 0.25),
-                              cluster_error_retry_attempts=1)
+                              retry=Retry(NoBackoff(), 1))
     # a blocking pool: a burst waits (at most the timeout) for a connection instead of failing
     # with "Too many connections" and bypassing the cache
     pool = aioredis.BlockingConnectionPool.from_url(

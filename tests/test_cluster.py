@@ -281,6 +281,13 @@ def test_two_hosts_share_only_the_cluster_and_the_bucket(cluster, client, tmp_pa
         assert body == bucket[0].get_object(Bucket=bucket[1], Key=key)["Body"].read()
         for name in ("a", "b"):  # nothing on either host's disk
             assert not list((tmp_path / name).rglob("*.png"))
+        # host A's dashboard sees every shard and both answers
+        with urllib.request.urlopen(f"http://127.0.0.1:{hosts['a'][0]}/api/summary",
+                                    timeout=10) as response:
+            summary = json.loads(response.read())
+        assert summary["health"]["redis"]["status"] == "ok"
+        assert all(s.requests in summary["streams"]["streams"] for s in keys.all_shards())
+        assert summary["streams"]["entries"] == 1
     finally:
         stop_processes(procs)
 
