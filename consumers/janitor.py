@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from datetime import timedelta
 
 import redis.asyncio as aioredis
@@ -164,10 +165,21 @@ class Janitor:
         if sweep:
             await self.sweep_orphans()
         for shard in self.keys.all_shards():
-            await flush_outbox(self.redis, shard.outbox, shard.results, cluster=shard.cluster)
+            await self._per_shard("flush_outbox", shard, flush_outbox(
+                self.redis, shard.outbox, shard.results, cluster=shard.cluster))
         await self.enforce()
         await self.trim_streams()
         await self.remove_dead_consumers()
+
+    async def _per_shard(self, step: str, shard: Keys, work: Awaitable[object]) -> None:
+        """One shard's part of a pass: a shard whose primary is down (a failover under way)
+        is logged and skipped, so the other shards and the storage cap still get their pass."""
+        try:
+            await work
+        except (RedisError, OSError) as exc:
+            if self.keys.shards == 1:
+                raise
+            log.warning("janitor_shard_skipped", step=step, shard=shard.shard, error=str(exc))
 
     async def _release_lock(self) -> None:
         try:
@@ -245,17 +257,19 @@ class Janitor:
 
     async def trim_streams(self) -> None:
         for shard in self.keys.all_shards():
-            for stream in (shard.requests, shard.generate, shard.changes):
-                floor = await safe_trim_id(self.redis, stream)
-                if floor is not None and stream == shard.changes:  # and kept for a while
-                    kept = int((time.time() - self.changes_retention.total_seconds()) * 1000)
-                    floor = older_id(floor, f"{kept}-0")
-                if floor is not None:
-                    self.trimmed += await self.redis.xtrim(stream, minid=floor,
-                                                           approximate=False)
-            cutoff = int((time.time() - self.results_retention.total_seconds()) * 1000)
-            self.trimmed += await self.redis.xtrim(shard.results, minid=f"{cutoff}-0",
-                                                   approximate=False)
+            await self._per_shard("trim", shard, self._trim(shard))
+
+    async def _trim(self, shard: Keys) -> None:
+        for stream in (shard.requests, shard.generate, shard.changes):
+            floor = await safe_trim_id(self.redis, stream)
+            if floor is not None and stream == shard.changes:  # and kept for a while
+                kept = int((time.time() - self.changes_retention.total_seconds()) * 1000)
+                floor = older_id(floor, f"{kept}-0")
+            if floor is not None:
+                self.trimmed += await self.redis.xtrim(stream, minid=floor, approximate=False)
+        cutoff = int((time.time() - self.results_retention.total_seconds()) * 1000)
+        self.trimmed += await self.redis.xtrim(shard.results, minid=f"{cutoff}-0",
+                                               approximate=False)
 
     async def remove_dead_consumers(self) -> int:
         removed = 0

@@ -90,8 +90,8 @@ class Persister:
 
     def _event_id(self, message_id: str) -> str:
         """What PostgreSQL remembers an applied event by: its change stream's entry id, with
-        the shard when there are several (ids of two streams can be equal)."""
-        return f"{self.keys.shard}/{message_id}" if self.keys.shards > 1 else message_id
+        the shard when streams are sharded (ids of two streams can be equal)."""
+        return f"{self.keys.shard}/{message_id}" if self.keys.sharded else message_id
 
     async def run(self, *, burst: bool = False) -> None:
         """Until stop(); with burst=True, until the change stream has nothing for us."""

@@ -14,12 +14,15 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from promptcache.cache.bypass import BypassImages
 from promptcache.cache.exact import ExactCache
 from promptcache.flight.identical import Flight
 from promptcache.cache.registry import EntryRegistry, Forget
+from promptcache.client import check_shards
 from promptcache.config import Settings
 from promptcache.errors import ConfigError
 from promptcache.generators import Generator, build_generator
@@ -39,7 +42,6 @@ from promptcache.semantic.tier import SemanticTier
 from promptcache.storage.blobs import BlobStore
 from promptcache.storage.store import Blobs
 from promptcache.storage.db import MetadataStore
-from promptcache.topology import is_cluster
 from consumers.worker import Worker, consumer_name
 from schemas.events import ChangeEvent
 
@@ -57,9 +59,10 @@ def streams_client(url: str, max_connections: int = 64, *,
                    cluster: bool = False) -> aioredis.Redis:
     """The streams Redis. A blocking pool: under a burst, requests wait for a connection
     instead of failing with "Too many connections". BLOCK (<= 2 s) stays well under the 5 s
-    socket timeout. On a cluster (`cluster`: `promptcache.topology.is_cluster` tells), a
-    cluster client found from this one node: it follows MOVED/ASK and, after a failover, finds
-    the new primary."""
+    socket timeout. On a cluster (`cluster`: `Settings.keys()` tells), a cluster client found
+    from this one node: it follows MOVED/ASK and, after a failover, finds the new primary; it
+    has a connection limit per node (no blocking pool: a burst beyond it is an error, retried
+    like an outage)."""
     if cluster:
         # a killed primary's slots are unserved for about the node timeout (2-4 s measured
         # with a 2 s timeout): retried with backoff for up to about 15 s before it is an error
@@ -72,13 +75,18 @@ def streams_client(url: str, max_connections: int = 64, *,
     return aioredis.Redis(connection_pool=pool)
 
 
-def sync_client(url: str, settings: Settings, **options: Any) -> Any:
+def streams_client_for(settings: Settings) -> aioredis.Redis:
+    """The streams client of a command-line call (REDIS_URL required)."""
+    return streams_client(require_redis_url(settings), cluster=settings.keys().cluster)
+
+
+def sync_client(url: str, *, cluster: bool, **options: Any) -> Any:
     """A synchronous client (the Prometheus collector runs in a thread): a RedisCluster on a
     cluster, else a plain Redis."""
     import redis as syncredis
     from redis.cluster import RedisCluster as SyncRedisCluster
 
-    if is_cluster(url, settings.cluster):
+    if cluster:
         return SyncRedisCluster.from_url(url, **options)
     return syncredis.Redis.from_url(url, **options)
 
@@ -271,43 +279,39 @@ def build_worker(settings: Settings, *, redis: aioredis.Redis, cache_redis: aior
                                   generator=generator, semantic=semantic, keys=keys)
     return Worker(redis=redis, keys=keys, pipeline=pipeline, consumer=consumer,
                   batch_size=settings.batch_size, max_in_flight=settings.max_in_flight,
-                  generation_concurrency=settings.generation_concurrency,
+                  # the process's generation slots, split between its shards' workers
+                  generation_concurrency=-(-settings.generation_concurrency // keys.shards),
                   claim_idle=settings.claim_idle, block=settings.block,
                   max_deliveries=settings.max_deliveries, done_ttl=settings.done_ttl,
                   health_interval=settings.health_interval,
                   durable_results=settings.durable_results)
 
 
-def clients(settings: Settings, *, fail_fast: bool = True) -> tuple[aioredis.Redis,
-                                                                     aioredis.Redis]:
+def clients(settings: Settings, keys: Keys, *, fail_fast: bool = True) -> tuple[aioredis.Redis,
+                                                                               aioredis.Redis]:
     """The streams client, and the cache store's: the same one when the URLs are equal, else
-    (`fail_fast`, the workers') one that gives up after PROMPTCACHE_CACHE_TIMEOUT."""
-    redis = streams_client(require_redis_url(settings),
-                           cluster=is_cluster(settings.redis_url, settings.cluster))
+    (`fail_fast`, the workers') one that gives up after PROMPTCACHE_CACHE_TIMEOUT. Cluster
+    clients where `keys` (`settings.keys()`) found clusters."""
+    redis = streams_client(require_redis_url(settings), cluster=keys.cluster)
     cache_url = settings.effective_cache_redis_url or ""
     if cache_url == settings.redis_url:
         return redis, redis
-    cluster = is_cluster_or_not(cache_url, settings)
+    cluster = keys.cache_is_cluster
     return redis, (cache_client(cache_url, settings, cluster=cluster) if fail_fast
                    else streams_client(cache_url, cluster=cluster))
 
 
-def is_cluster_or_not(url: str | None, settings: Settings) -> bool:
-    """Whether a second Redis is a cluster; False when it cannot be asked (it is bypassed)."""
-    try:
-        return is_cluster(url, settings.cluster)
-    except RedisConnectionError:
-        return False
-
-
 async def reachable_keys(settings: Settings, stopper: Stopper | None = None) -> Keys:
     """`settings.keys()`, once the streams server answers whether it is a cluster: a service
-    started before its Redis waits for it (with backoff) instead of exiting."""
+    started before its Redis waits for it (with backoff) instead of exiting. A refused login
+    is a configuration error, not a wait."""
     delay = 0.5
     while True:
         try:
             return settings.keys()
-        except RedisConnectionError as exc:
+        except RedisAuthenticationError:
+            raise
+        except (RedisConnectionError, RedisTimeoutError) as exc:
             if stopper is not None and stopper.stopping:
                 raise
             log.warning("redis_unreachable_at_start", error=str(exc), retry_in=delay)
@@ -322,8 +326,9 @@ async def run_worker(settings: Settings, *, burst: bool = False,
     keys = await reachable_keys(settings)
     consumer = consumer or consumer_name()
     async with AsyncExitStack() as stack:
-        redis, cache_redis = clients(settings)
+        redis, cache_redis = clients(settings, keys)
         stack.push_async_callback(redis.aclose)
+        await check_shards(redis, keys, claim=True)
         if cache_redis is not redis:
             stack.push_async_callback(cache_redis.aclose)
         generator = build_generator(settings)
@@ -339,8 +344,7 @@ async def run_worker(settings: Settings, *, burst: bool = False,
         if semantic is not None:
             # the follower blocks on the log: not the 50 ms fail-fast client
             follow_redis = redis if cache_redis is redis else streams_client(
-                settings.effective_cache_redis_url or "", 4,
-                cluster=is_cluster_or_not(settings.effective_cache_redis_url, settings))
+                settings.effective_cache_redis_url or "", 4, cluster=keys.cache_is_cluster)
             if follow_redis is not redis:
                 stack.push_async_callback(follow_redis.aclose)
             semantic_loop = SemanticLoop(semantic, follow_redis, settings, consumer)
@@ -362,8 +366,9 @@ async def run_worker(settings: Settings, *, burst: bool = False,
 async def run_janitor(settings: Settings, *, burst: bool = False) -> Janitor:
     keys = await reachable_keys(settings)
     async with AsyncExitStack() as stack:
-        redis, cache_redis = clients(settings, fail_fast=False)
+        redis, cache_redis = clients(settings, keys, fail_fast=False)
         stack.push_async_callback(redis.aclose)
+        await check_shards(redis, keys, claim=True)
         if cache_redis is not redis:
             stack.push_async_callback(cache_redis.aclose)
         blobs = blob_store(settings)

@@ -38,7 +38,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from consumers.group import UNREACHABLE, GroupLoop, Stopper
 from promptcache import intake
 from promptcache.errors import GenerationFailed, PipelineError, RequestRejected
-from promptcache.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys
+from promptcache.keys import GENERATE_GROUP, REQUESTS_GROUP, Keys, shard_of
 from promptcache.latency import bucket_of
 from promptcache.pipeline import Outcome, Pipeline, Prepared
 from promptcache.streams import (
@@ -194,6 +194,15 @@ class Worker:
                                                           status="rejected", error=decoded.error))))
                     continue
                 request: Request = decoded
+                if shard_of(request.request_id, self.keys.shards) != self.keys.shard:
+                    # answered here all the same; but its done marker is in this shard, so the
+                    # same id sent to its own shard would be answered again: the producer must
+                    # route by crc32(request_id) mod N
+                    self.counters["misrouted"] += 1
+                    if self.counters["misrouted"] == 1:
+                        log.warning("request_on_the_wrong_shard", request_id=request.request_id,
+                                    shard=self.keys.shard,
+                                    expected=shard_of(request.request_id, self.keys.shards))
                 if delivery.times_delivered > self.max_deliveries:
                     await self._guard(delivery, self._over_limit(source, delivery, request,
                                                                  delivery.message_id))

@@ -41,7 +41,7 @@ from pydantic import ByteSize
 from consumers.wiring import build_semantic, streams_client
 from ops.demo import load_prompts, shared_prompts_dir
 from ops.embedded_servers import EmbeddedValkey, free_port
-from promptcache.client import collect, last_ids, publish, results_streams
+from promptcache.client import collect_many, last_ids, publish, results_streams
 from promptcache.config import Settings
 from promptcache.errors import ConfigError
 from promptcache.keys import Keys
@@ -107,7 +107,7 @@ async def _ask(redis: aioredis.Redis, keys: Keys, requests: list[Request],
                timeout: float = 600.0) -> dict[str, Result]:
     after = await last_ids(redis, results_streams(keys))
     await publish(redis, keys, requests)
-    return await collect(redis, after, "", [r.request_id for r in requests], timeout)
+    return await collect_many(redis, after, [r.request_id for r in requests], timeout)
 
 
 async def hit_rate_and_latency(redis: aioredis.Redis, keys: Keys, settings: Settings,
@@ -273,7 +273,7 @@ async def degradation(redis: aioredis.Redis, keys: Keys, cache_server: EmbeddedV
     run = uuid.uuid4().hex[:6]
     prompts = random.Random(5).sample(load_prompts(), OUTAGE)
     say(f"check 5: cache store stopped, {OUTAGE} requests ...")
-    dead_before = await redis.xlen(keys.dead_letter)
+    dead_before = await _dead_letters(redis, keys)
     cache_server.stop()
     try:
         results = await _ask(redis, keys, [Request(request_id=f"outage-{run}-{i}", prompt=p)
@@ -283,7 +283,7 @@ async def degradation(redis: aioredis.Redis, keys: Keys, cache_server: EmbeddedV
     tiers: dict[str, int] = {}
     for r in results.values():
         tiers[f"{r.status}/{r.cache}"] = tiers.get(f"{r.status}/{r.cache}", 0) + 1
-    dead = await redis.xlen(keys.dead_letter) - dead_before
+    dead = await _dead_letters(redis, keys) - dead_before
     ok = len(results) == OUTAGE and all(r.status == "ok" and r.cache == "bypass"
                                         for r in results.values()) and dead == 0
     return Line(5, "cache store down -> bypass, nothing lost",
@@ -291,13 +291,20 @@ async def degradation(redis: aioredis.Redis, keys: Keys, cache_server: EmbeddedV
                 f"{dead} dead letters", ok)
 
 
+async def _dead_letters(redis: aioredis.Redis, keys: Keys) -> int:
+    return sum([await redis.xlen(shard.dead_letter) for shard in keys.all_shards()])
+
+
 async def models_ready(redis: aioredis.Redis, cache: aioredis.Redis, keys: Keys,
                        timeout: float = 180.0) -> bool:
-    """True once every worker with a health report has reported its semantic index (its
-    model is loaded): a worker still loading answers lookups exact-only."""
+    """True once every worker process with a health report has reported its semantic index
+    (its model is loaded): a worker still loading answers lookups exact-only. (A process
+    reports its health once per shard, `consumer/shard`, and its index once.)"""
     deadline = time.monotonic() + timeout
+    prefix = keys.health("")
     while time.monotonic() < deadline:
-        workers = [k async for k in redis.scan_iter(match=keys.health("*"), count=100)]
+        workers = {k.decode()[len(prefix):].split("/")[0]
+                   async for k in redis.scan_iter(match=keys.health("*"), count=100)}
         indexes = [k async for k in cache.scan_iter(match=keys.semantic_index_stats("*"),
                                                     count=100)]
         if workers and len(indexes) >= len(workers):
@@ -310,8 +317,9 @@ async def _against(settings: Settings, redis_url: str, count: int, seed: int,
                    say: Callable[[str], None], *, cache_server: EmbeddedValkey | None,
                    outcome: Outcome) -> None:
     keys = settings.keys()
-    redis = streams_client(redis_url)
-    cache = streams_client(settings.effective_cache_redis_url or redis_url)
+    redis = streams_client(redis_url, cluster=keys.cluster)
+    cache = streams_client(settings.effective_cache_redis_url or redis_url,
+                           cluster=keys.cache_is_cluster)
     try:
         if settings.embeddings != "off":
             say("waiting for every worker's embedding model ...")

@@ -310,26 +310,27 @@ def _ab(args: argparse.Namespace, settings: Settings) -> int:
 def _web(settings: Settings) -> None:
     import uvicorn
 
-    from consumers.wiring import blob_store, clients, registry, sync_client
+    from consumers.wiring import blob_store, clients, reachable_keys, registry, sync_client
     from ops.web import build_app
 
     from prometheus_client import CollectorRegistry
 
     from ops.metrics import RedisCollector
 
-    keys = settings.keys()
+    # a web process started before its Redis waits for it (the names depend on its answer)
+    keys = asyncio.run(reachable_keys(settings)) if settings.redis_url else settings.keys()
     redis = None
     metrics = None
     blobs = blob_store(settings)
     entry_registry = None
     if settings.redis_url:
-        redis, cache_redis = clients(settings, fail_fast=False)
+        redis, cache_redis = clients(settings, keys, fail_fast=False)
         metrics = CollectorRegistry()
         cache_url = settings.effective_cache_redis_url or settings.redis_url
         metrics.register(RedisCollector(
-            sync_client(settings.redis_url, settings, socket_timeout=2), keys,
+            sync_client(settings.redis_url, cluster=keys.cluster, socket_timeout=2), keys,
             int(settings.storage_limit),
-            cache=sync_client(cache_url, settings, socket_timeout=2)))
+            cache=sync_client(cache_url, cluster=keys.cache_is_cluster, socket_timeout=2)))
         entry_registry = registry(cache_redis, keys, blobs, settings)
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     app = build_app(blobs=blobs, redis=redis, keys=keys, metrics=metrics,
@@ -342,8 +343,7 @@ def _web(settings: Settings) -> None:
 
 async def _submit(args: argparse.Namespace, settings: Settings) -> int:
     from promptcache.client import parse_param, submit
-    from consumers.wiring import require_redis_url, streams_client
-    from promptcache.topology import is_cluster
+    from consumers.wiring import streams_client_for
     from schemas.events import Request
 
     try:
@@ -355,8 +355,7 @@ async def _submit(args: argparse.Namespace, settings: Settings) -> int:
     except ValidationError as exc:
         print(f"promptcache: invalid request:\n{exc}", file=sys.stderr)
         return RET_USAGE
-    redis = streams_client(require_redis_url(settings),
-                           cluster=is_cluster(settings.redis_url, settings.cluster))
+    redis = streams_client_for(settings)
     try:
         result = await submit(redis, settings.keys(), request, timeout=args.timeout)
     finally:
@@ -389,11 +388,9 @@ async def _submit(args: argparse.Namespace, settings: Settings) -> int:
 async def _stats(args: argparse.Namespace, settings: Settings) -> int:
     from ops.status import database_stats, render_stats, stream_stats
     from promptcache.config import parse_duration
-    from consumers.wiring import require_redis_url, streams_client
-    from promptcache.topology import is_cluster
+    from consumers.wiring import streams_client_for
 
-    redis = streams_client(require_redis_url(settings),
-                           cluster=is_cluster(settings.redis_url, settings.cluster))
+    redis = streams_client_for(settings)
     try:
         streams = await stream_stats(redis, settings.keys())
     finally:
@@ -420,14 +417,12 @@ async def _stats(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _reindex(settings: Settings) -> int:
     from consumers.wiring import build_semantic, require_redis_url, streams_client
-    from promptcache.topology import is_cluster
     from promptcache.semantic.reindex import ReindexReport, reindex
     from promptcache.storage.db import MetadataStore
 
     require_redis_url(settings)
     cache = streams_client(settings.effective_cache_redis_url or "",
-                           cluster=is_cluster(settings.effective_cache_redis_url,
-                                              settings.cluster))
+                           cluster=settings.keys().cache_is_cluster)
     tier = build_semantic(settings, cache)
     if tier is None:
         raise ConfigError("PROMPTCACHE_EMBEDDINGS=off: there is no model to re-embed with")
@@ -480,7 +475,7 @@ async def _purge(args: argparse.Namespace, settings: Settings) -> int:
         if not hasattr(parsed, "total_seconds"):
             raise ConfigError(f"--older-than {args.older_than!r}: use e.g. 7d, 12h, 30m")
         older = parsed.total_seconds()  # type: ignore[union-attr]
-    redis, cache_redis = clients(settings, fail_fast=False)
+    redis, cache_redis = clients(settings, settings.keys(), fail_fast=False)
     keys = settings.keys()
     from ops.progress import bar
 
@@ -508,11 +503,9 @@ async def _purge(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _dead_letter(args: argparse.Namespace, settings: Settings) -> int:
     from ops.dead_letters import dead_letters, replay
-    from consumers.wiring import require_redis_url, streams_client
-    from promptcache.topology import is_cluster
+    from consumers.wiring import streams_client_for
 
-    redis = streams_client(require_redis_url(settings),
-                           cluster=is_cluster(settings.redis_url, settings.cluster))
+    redis = streams_client_for(settings)
     keys = settings.keys()
     try:
         if args.action == "list":
@@ -532,7 +525,7 @@ async def _flag(args: argparse.Namespace, settings: Settings) -> int:
 
     if not settings.database_url:
         raise ConfigError("flag needs DATABASE_URL (the flag is recorded in PostgreSQL)")
-    redis, cache_redis = clients(settings, fail_fast=False)
+    redis, cache_redis = clients(settings, settings.keys(), fail_fast=False)
     keys = settings.keys()
     try:
         flagged = await flag(redis, keys, registry(cache_redis, keys, blob_store(settings),

@@ -19,14 +19,26 @@ def _streams(keys: Keys) -> list[tuple[Keys, str]]:
 
 async def dead_letters(redis: aioredis.Redis, keys: Keys, count: int) -> list[tuple[str, DeadLetter]]:
     """The newest `count` dead letters of both kinds, newest first (a letter's `stream` says
-    which stream its entry came from)."""
-    found: list[tuple[str, DeadLetter]] = []
-    for _, stream in _streams(keys):
-        entries = await redis.xrevrange(stream, count=count)
-        found += [(mid.decode(), DeadLetter.model_validate_json(f[b"data"]))
-                  for mid, f in entries]
+    which stream its entry came from). Sharded, an id reads `shard/entry id` (two shards'
+    streams can hold equal ids); `replay` takes either form."""
+    found: list[tuple[str, str, DeadLetter]] = []
+    for shard, stream in _streams(keys):
+        for mid, f in await redis.xrevrange(stream, count=count):
+            label = f"{shard.shard}/{mid.decode()}" if keys.sharded else mid.decode()
+            found.append((mid.decode(), label, DeadLetter.model_validate_json(f[b"data"])))
     found.sort(key=lambda item: id_order(item[0]), reverse=True)
-    return found[:count]
+    return [(label, letter) for _, label, letter in found[:count]]
+
+
+def _wanted(ids: list[str], shard: Keys) -> list[str]:
+    """The entry ids of `ids` ("shard/id" or a bare id, which matches in every shard) that
+    belong to `shard`."""
+    wanted = []
+    for item in ids:
+        where, sep, mid = item.rpartition("/")
+        if not sep or where == str(shard.shard):
+            wanted.append(mid)
+    return wanted
 
 
 async def replay(redis: aioredis.Redis, keys: Keys, ids: list[str] | None) -> int:
@@ -40,7 +52,7 @@ async def replay(redis: aioredis.Redis, keys: Keys, ids: list[str] | None) -> in
     replayed = 0
     for shard, stream in _streams(keys):
         entries = await redis.xrange(stream) if ids is None else [
-            e for mid in ids for e in await redis.xrange(stream, mid, mid)]
+            e for mid in _wanted(ids, shard) for e in await redis.xrange(stream, mid, mid)]
         for mid, fields in entries:
             letter = DeadLetter.model_validate_json(fields[b"data"])
             # the letter, its stream and its done marker share the shard's slot

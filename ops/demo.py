@@ -19,7 +19,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from promptcache.client import collect, last_ids, publish, results_streams
+from promptcache.client import collect_many, last_ids, publish, results_streams
 from promptcache.keys import Keys
 from schemas.events import Request, Result
 
@@ -102,7 +102,7 @@ async def run_demo(redis: aioredis.Redis, keys: Keys, count: int, *, timeout: fl
             break
         after = await last_ids(redis, results_streams(keys))
         await publish(redis, keys, requests)
-        results = await collect(redis, after, "", [r.request_id for r in requests],
+        results = await collect_many(redis, after, [r.request_id for r in requests],
                                 timeout)
         rows += [(number, r, results.get(r.request_id)) for r in requests]
     return rows

@@ -128,7 +128,7 @@ class RedisCollector(Collector):
         # which scopes are named is sticky (a Redis set that only grows, to `top_scopes`): a
         # named scope's series, and "other", never go down because the ranking changed; the
         # only decreases of "other" are the at most `top_scopes` promotions
-        named_key = f"{self.keys.base}:metrics:results-by-scope:named"
+        named_key = self.keys.metrics_scopes_named
         top = {m.decode() for m in self.client.smembers(named_key)}
         room = self.top_scopes - len(top)
         if room > 0:

@@ -50,10 +50,12 @@ async def stream_stats(redis: aioredis.Redis, keys: Keys,
             except aioredis.ResponseError:
                 pass
         out["streams"][stream] = info
+    reports = []
     async for key in redis.scan_iter(match=keys.health("*"), count=500):
         raw = await redis.get(key)
         if raw:
-            out["workers"].append(json.loads(raw))
+            reports.append(json.loads(raw))
+    out["workers"] = merge_shard_reports(reports)
     cache = cache or redis
     stored = await cache.get(keys.stored_bytes)
     out["stored_bytes"] = int(stored) if stored else 0
@@ -62,6 +64,25 @@ async def stream_stats(redis: aioredis.Redis, keys: Keys,
     out["images_rejected"] = {_name(k): int(v)
                               for k, v in (await redis.hgetall(keys.metrics_quality)).items()}
     return out
+
+
+def merge_shard_reports(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One health report per worker process: a sharded process reports once per shard
+    (`consumer/shard`); its counts are added up, its latest time kept."""
+    merged: dict[str, dict[str, Any]] = {}
+    for report in reports:
+        name = str(report.get("consumer", "?")).split("/")[0]
+        into = merged.setdefault(name, {"consumer": name})
+        for item, value in report.items():
+            if item == "consumer":
+                continue
+            if item == "at":
+                into["at"] = max(into.get("at", 0.0), value)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                into[item] = into.get(item, 0) + value
+            else:
+                into.setdefault(item, value)
+    return list(merged.values())
 
 
 async def semantic_stats(cache: aioredis.Redis, keys: Keys) -> dict[str, Any]:

@@ -34,6 +34,21 @@ async def last_id(redis: aioredis.Redis, stream: str) -> str:
     return newest[0][0].decode() if newest else "0-0"
 
 
+async def check_shards(redis: aioredis.Redis, keys: Keys, *, claim: bool = False) -> None:
+    """Refuse to run with another PROMPTCACHE_SHARDS than the deployment's: requests sent to a
+    shard no worker reads, or done markers split between two layouts, would break the
+    exactly-once promise silently. `claim` (workers, the janitor) records N when none is."""
+    if claim:
+        await redis.set(keys.shard_count, keys.shards, nx=True)
+    recorded = await redis.get(keys.shard_count)
+    if recorded is not None and int(recorded) != keys.shards:
+        raise ConfigError(
+            f"PROMPTCACHE_SHARDS={keys.shards}, but this deployment runs {int(recorded)} shards "
+            f"({keys.shard_count}); use the same N everywhere. To change N: stop the producers, "
+            f"let `promptcache stats` show lag 0 and pending 0, stop the workers, DEL "
+            f"{keys.shard_count}, then restart everything with the new N")
+
+
 async def publish(redis: aioredis.Redis, keys: Keys, requests: Iterable[Request]) -> list[str]:
     """XADD each request to its shard's stream (`Keys.for_request`: crc32 of the id mod N)."""
     async with redis.pipeline(transaction=False) as pipe:
@@ -52,12 +67,17 @@ async def last_ids(redis: aioredis.Redis, streams: Iterable[str]) -> dict[str, s
     return {stream: await last_id(redis, stream) for stream in streams}
 
 
-async def collect(redis: aioredis.Redis, stream: str | dict[str, str], after: str,
-                  request_ids: Iterable[str], timeout: float) -> dict[str, Result]:
-    """Read `stream` after id `after` (or each stream of a {stream: after id} mapping: one
-    XREAD each, as a cluster keeps them in different slots) until every request id has a
-    result or time runs out."""
-    cursors = dict(stream) if isinstance(stream, dict) else {stream: after}
+async def collect(redis: aioredis.Redis, stream: str, after: str, request_ids: Iterable[str],
+                  timeout: float) -> dict[str, Result]:
+    """Read `stream` after id `after` until every request id has a result or time runs out."""
+    return await collect_many(redis, {stream: after}, request_ids, timeout)
+
+
+async def collect_many(redis: aioredis.Redis, cursors: dict[str, str],
+                       request_ids: Iterable[str], timeout: float) -> dict[str, Result]:
+    """`collect` over several streams ({stream: after id}, e.g. every shard's results), one
+    XREAD each: a cluster keeps them in different slots."""
+    cursors = dict(cursors)
     wanted = set(request_ids)
     found: dict[str, Result] = {}
     deadline = time.monotonic() + timeout
@@ -79,6 +99,7 @@ async def collect(redis: aioredis.Redis, stream: str | dict[str, str], after: st
 
 async def submit(redis: aioredis.Redis, keys: Keys, request: Request,
                  timeout: float = 60.0) -> Result | None:
+    await check_shards(redis, keys)
     stream = request.reply_to or keys.for_request(request.request_id).results
     after = await last_id(redis, stream)
     await publish(redis, keys, [request])

@@ -34,8 +34,9 @@ class Keys:
 
     prefix: str = "promptcache"
     shards: int = 1
-    cluster: bool = False
+    cluster: bool = False  # the streams server is a cluster
     shard: int = 0
+    cache_cluster: bool | None = None  # the cache store is a cluster (None: as `cluster`)
 
     @property
     def sharded(self) -> bool:
@@ -43,8 +44,14 @@ class Keys:
 
     @property
     def base(self) -> str:
-        """What the names outside the request path start with."""
-        return f"{{{self.prefix}}}" if self.cluster else self.prefix
+        """What the names outside the request path start with: the cache store's one hash
+        tag when it is a cluster (its scripts touch several keys); those kept on the streams
+        server (health, janitor lock, quality counters) are single-key."""
+        return f"{{{self.prefix}}}" if self.cache_is_cluster else self.prefix
+
+    @property
+    def cache_is_cluster(self) -> bool:
+        return self.cluster if self.cache_cluster is None else self.cache_cluster
 
     @property
     def path(self) -> str:
@@ -126,6 +133,12 @@ class Keys:
         return f"{self.base}:health:{consumer}"
 
     @property
+    def shard_count(self) -> str:
+        """The deployment's N, set by the first worker or janitor (SET NX): every process must
+        split the request path the same way (`promptcache.client.check_shards`)."""
+        return f"{self.base}:config:shards"
+
+    @property
     def janitor_lock(self) -> str:
         return f"{self.base}:janitor:lock"
 
@@ -150,6 +163,25 @@ class Keys:
     @property
     def stored_bytes(self) -> str:
         return f"{self.base}:cache:stored-bytes"
+
+    @property
+    def blob_deleting(self) -> str:
+        """hash sha256 -> {until, by, bytes}: blob files being deleted (registry.py)."""
+        return f"{self.base}:cache:blob-deleting"
+
+    @property
+    def scope_bytes(self) -> str:
+        """hash scope -> bytes its entries use (PROMPTCACHE_SCOPE_STORAGE_LIMIT)."""
+        return f"{self.base}:cache:scope-bytes"
+
+    def flight(self, cache_key: str) -> str:
+        """The identical single-flight lock of a cache key."""
+        return f"{self.base}:cache:flight:{cache_key}"
+
+    @property
+    def metrics_scopes_named(self) -> str:
+        """set of the scopes /metrics names (the rest are "other"): sticky."""
+        return f"{self.base}:metrics:results-by-scope:named"
 
     @property
     def flagged_blobs(self) -> str:

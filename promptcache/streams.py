@@ -253,6 +253,8 @@ end
 return flags
 """
 
+STALE_ON_ONE_SERVER = timedelta(seconds=10)  # staged rows older than this are a dead worker's
+STALE_ON_CLUSTER = timedelta(seconds=60)
 WAITAOF_TIMEOUT_MS = 3000  # durable mode: how long a batch may wait for its fsync (under the
 # clients' 5 s socket timeout, so a slow fsync is an answer, not a dropped connection)
 PUBLISHED, TO_FALLBACK = 1, 2  # what publish_batch says of a row; 0: not published (answered)
@@ -380,7 +382,7 @@ class Publisher:
                 f"PROMPTCACHE_DURABLE_RESULTS=true needs the streams server to run with "
                 f"appendonly yes (WAITAOF answered: {exc})") from exc
 
-    async def flush_stale(self, older_than: timedelta = timedelta(seconds=10)) -> int:
+    async def flush_stale(self, older_than: timedelta | None = None) -> int:
         return await flush_outbox(self.redis, self.outbox, self.results_stream, older_than,
                                   cluster=self.cluster)
 
@@ -417,20 +419,23 @@ async def publish_staged(redis: aioredis.Redis, outbox: str, results_stream: str
     flag = PUBLISHED
     try:
         await redis.xadd(target, {"data": data})
-    except ResponseError:  # the reply_to holds another type of key
-        if not fallback:
-            raise
-        await redis.xadd(results_stream, {"data": fallback})
+    except ResponseError as exc:
+        if not fallback or not str(exc).startswith("WRONGTYPE"):
+            raise  # the node is down or busy (a ResponseError too): the row stays staged
+        await redis.xadd(results_stream, {"data": fallback})  # the reply_to holds another type
         flag = TO_FALLBACK
     await redis.hdel(outbox, field)
     return flag
 
 
 async def flush_outbox(redis: aioredis.Redis, outbox: str, results_stream: str,
-                       older_than: timedelta = timedelta(seconds=10), *,
-                       cluster: bool = False) -> int:
+                       older_than: timedelta | None = None, *, cluster: bool = False) -> int:
     """Publish results staged longer ago than `older_than` (a worker died between its two
-    steps); younger rows may still be waiting for their fsync. Returns how many."""
+    steps); younger rows may still be waiting for their fsync, or (a cluster) for a worker
+    whose client is retrying through a failover: 10 s on one server, 60 s on a cluster (more
+    than the cluster client's retry budget, so a live worker is not raced). Returns how many."""
+    if older_than is None:
+        older_than = STALE_ON_CLUSTER if cluster else STALE_ON_ONE_SERVER
     staged = await redis.hgetall(outbox)
     cutoff = time.time() - older_than.total_seconds()
     stale = [field for field, value in staged.items() if float(json.loads(value)[3]) <= cutoff]

@@ -49,11 +49,17 @@ def is_cluster(url: str | None, mode: ClusterMode = "auto") -> bool:
 
 def keys_for(prefix: str, *, redis_url: str | None, cache_redis_url: str | None = None,
              shards: int = 1, mode: ClusterMode = "auto") -> Keys:
-    """The names for this deployment: hash-tagged when either Redis is a cluster."""
+    """The names for this deployment. The request path's follow the streams server (and N);
+    the cache store's hash tag follows the cache store. A separate cache store that cannot be
+    asked at start is taken to be what the streams server is (it is bypassed until it answers;
+    set PROMPTCACHE_CLUSTER=on|off to leave nothing to guess)."""
     cluster = is_cluster(redis_url, mode)
-    if not cluster and cache_redis_url and cache_redis_url != redis_url:
+    cache_cluster = cluster
+    if cache_redis_url and cache_redis_url != redis_url:
         try:
-            cluster = is_cluster(cache_redis_url, mode)
-        except redis.ConnectionError:  # a cache store down at start: bypassed until it is back
-            log.warning("cache_store_unreachable_at_start", url=redis_display(cache_redis_url))
-    return Keys(prefix, shards=shards, cluster=cluster)
+            cache_cluster = is_cluster(cache_redis_url, mode)
+        except (redis.ConnectionError, redis.TimeoutError):
+            log.warning("cache_store_unreachable_at_start", url=redis_display(cache_redis_url),
+                        assumed_cluster=cluster)
+    return Keys(prefix, shards=shards, cluster=cluster,
+                cache_cluster=None if cache_cluster == cluster else cache_cluster)

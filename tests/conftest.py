@@ -23,7 +23,7 @@ from tests.cluster_fixtures import valkey_cluster  # noqa: F401 - the shared Val
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # Keys that are an account rather than a cache and so carry no TTL (the janitor owns them).
-NO_TTL_OK = ("cache:stored-bytes", "cache:scope-bytes", "cache:entries", "cache:lru",
+NO_TTL_OK = ("config:shards", "cache:stored-bytes", "cache:scope-bytes", "cache:entries", "cache:lru",
              "cache:blob-refs", "metrics:results", "metrics:results-by-scope",
              "cache:flagged-blobs", "semantic:vectors", "metrics:semantic", "metrics:quality",
              "metrics:results-by-scope:named")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+import uuid
 import zlib
 from datetime import timedelta
 
@@ -9,9 +12,10 @@ import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
+from promptcache.client import check_shards
 from promptcache.errors import ConfigError
 from promptcache.keys import Keys, shard_of
-from promptcache.streams import Publisher
+from promptcache.streams import Publisher, flush_outbox
 from promptcache.topology import is_cluster, keys_for
 
 
@@ -76,3 +80,44 @@ async def test_durable_results_are_refused_on_a_cluster(redis_url):
     with pytest.raises(ConfigError, match="not supported on a cluster"):
         await publisher.check_durable()
     await client.aclose()
+
+
+async def test_a_staged_result_for_another_slot_is_published_once_by_the_recovery_pass(
+        valkey_cluster):
+    """A worker killed between its publish script and moving a result to a `reply_to` in
+    another slot: the janitor's pass publishes it (once, and only after the cluster grace),
+    a WRONGTYPE reply_to gets the fallback on the results stream."""
+    from consumers.wiring import streams_client
+
+    keys = Keys(f"st{uuid.uuid4().hex[:6]}", shards=2, cluster=True).for_shard(1)
+    redis = streams_client(valkey_cluster.url, cluster=True)
+    reply_to, broken = f"app-{uuid.uuid4().hex[:6]}:out", f"app-{uuid.uuid4().hex[:6]}:str"
+    await redis.set(broken, "not a stream")
+    old = time.time() - 120
+    for done, target in ((keys.done("a"), reply_to), (keys.done("b"), broken)):
+        await redis.hset(keys.outbox, done, json.dumps([target, '{"request_id":"%s"}' % done,
+                                                        '{"fallback":true}', old]))
+    await redis.hset(keys.outbox, keys.done("c"), json.dumps([reply_to, "{}", "", time.time()]))
+    try:
+        assert await flush_outbox(redis, keys.outbox, keys.results, cluster=True) == 2
+        assert await flush_outbox(redis, keys.outbox, keys.results, cluster=True) == 0
+        assert [f[b"data"] for _, f in await redis.xrange(reply_to)] == [
+            ('{"request_id":"%s"}' % keys.done("a")).encode()]
+        assert [f[b"data"] for _, f in await redis.xrange(keys.results)] == [b'{"fallback":true}']
+        assert await redis.hkeys(keys.outbox) == [keys.done("c").encode()]  # young: left
+    finally:
+        await redis.delete(reply_to, broken, keys.outbox, keys.results)
+        await redis.aclose()
+
+
+async def test_a_process_with_another_shard_count_is_refused(redis_url):
+    client = aioredis.Redis.from_url(redis_url)
+    prefix = f"sc{uuid.uuid4().hex[:6]}"
+    try:
+        await check_shards(client, Keys(prefix, shards=3), claim=True)
+        await check_shards(client, Keys(prefix, shards=3), claim=True)  # the same N: fine
+        with pytest.raises(ConfigError, match="PROMPTCACHE_SHARDS=2, but this deployment runs 3"):
+            await check_shards(client, Keys(prefix, shards=2))
+    finally:
+        await client.delete(Keys(prefix).shard_count)
+        await client.aclose()

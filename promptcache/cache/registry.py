@@ -221,7 +221,7 @@ class EntryRegistry:
         self.limit_bytes = limit_bytes
         # blob sha256 -> {until (server ms), by, bytes}: files being deleted (the hash expires
         # once no mark has been written for as long as a mark lives)
-        self.deleting_key = f"{keys.base}:cache:blob-deleting"
+        self.deleting_key = keys.blob_deleting
         self._register = redis.register_script(_REGISTER)
         forget = forget or Forget("")
         self._unregister = redis.register_script(_UNREGISTER.replace("--FORGET--", forget.lua))
@@ -231,7 +231,7 @@ class EntryRegistry:
         self._delete_if_same = redis.register_script(COMPARE_AND_DELETE)
         self._keys = [keys.entries, keys.lru, keys.blob_refs, keys.stored_bytes,
                       self.deleting_key]
-        self.scope_bytes_key = f"{keys.base}:cache:scope-bytes"  # scope -> bytes its entries use
+        self.scope_bytes_key = keys.scope_bytes  # scope -> bytes its entries use
         self._register_keys = [*self._keys, self.scope_bytes_key]
         self._unregister_keys = [*self._keys, self.scope_bytes_key, *forget.keys]
         self._forget_args = list(forget.args)

@@ -101,7 +101,7 @@ class Flight:
         self.release_script = redis.register_script(COMPARE_AND_DELETE)
 
     def lock_name(self, cache_key: str) -> str:
-        return f"{self.keys.base}:cache:flight:{cache_key}"
+        return self.keys.flight(cache_key)
 
     async def _try_lock(self, name: str) -> Lease | None:
         token = secrets.token_hex(16)
