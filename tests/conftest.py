@@ -71,7 +71,8 @@ def db(database_url: str) -> Iterator[str]:
     yield database_url
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("TRUNCATE cache_entries, cache_hits, applied_changes, stats_hourly,"
-                     " evictions_hourly, entry_origins, flagged_entries, semantic_entries")
+                     " evictions_hourly, entry_origins, flagged_entries, semantic_entries,"
+                     " evicted_entries")
 
 
 @pytest.fixture

@@ -139,7 +139,7 @@ async def test_the_order_events_arrive_in_changes_nothing(redis, keys, settings,
     forward = _snapshot(db)
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute("TRUNCATE cache_entries, cache_hits, applied_changes, stats_hourly,"
-                     " entry_origins")
+                     " entry_origins, evicted_entries")
     backwards = Keys(f"{keys.prefix}-rev")
     for _, fields in reversed(await redis.xrange(keys.changes)):
         await redis.xadd(backwards.changes, fields)
@@ -173,6 +173,37 @@ async def test_old_per_request_events_are_still_written(redis, keys, db):
                             ("miss", "ok", 1, 2100.0, 1, 2.0, 0.0, 110)]
     assert got["entries"] == [("e1", 1, 2000.0, 110, True)]
     assert got["hits"] == [("e1", "b", "exact", 3.0)]
+
+
+def _stored(entry_id: str, at: float) -> ChangeEvent:
+    return ChangeEvent(type="entry_stored", entry_id=entry_id, at=at, cache_key=f"k-{entry_id}",
+                       tier="miss", request_id=f"r-{entry_id}", prompt="p", canonical_prompt="p",
+                       params={"model": "m"}, optimizer_version="2", generator="g",
+                       blob_sha256="0" * 64, content_type="image/png", width=64, height=64,
+                       image_bytes=100, thumbnail_bytes=10, generation_ms=2000.0,
+                       embedding="AACAPwAAAAA=", embedding_model="m", partition="part")
+
+
+async def test_an_eviction_read_before_its_entry_leaves_no_row(db):
+    """Sharded streams: an entry's entry_stored and its entry_evicted travel on different
+    change streams, so a persister can read the eviction first (or in another batch). Either
+    order leaves no row for the evicted entry; an entry never evicted is written."""
+    store = MetadataStore(db)
+    evicted = ChangeEvent(type="entry_evicted", entry_id="gone-late", at=1_700_000_002.0,
+                          reason="ttl")
+    evicted_in_order = ChangeEvent(type="entry_evicted", entry_id="gone", at=1_700_000_002.0,
+                                   reason="ttl")
+    try:
+        await store.apply_changes([("1/1-0", evicted)])  # shard 1 first
+        await store.apply_changes([("0/1-0", _stored("gone-late", 1_700_000_000.0)),
+                                   ("0/1-1", _stored("gone", 1_700_000_000.0)),
+                                   ("0/1-2", _stored("kept", 1_700_000_000.0))])
+        await store.apply_changes([("1/1-1", evicted_in_order)])
+    finally:
+        await store.aclose()
+    with psycopg.connect(db) as conn:
+        assert [r[0] for r in conn.execute("SELECT entry_id FROM cache_entries")] == ["kept"]
+        assert [r[0] for r in conn.execute("SELECT entry_id FROM semantic_entries")] == ["kept"]
 
 
 @pytest.mark.parametrize("batch_size", [1, 50])

@@ -37,6 +37,7 @@ FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text
     AS u(entry_id, cache_key, prompt, canonical_prompt, negative_prompt, params,
          optimizer_version, generator, blob_sha256, content_type, width, height, image_bytes,
          thumbnail_bytes, generation_ms, at, scope)
+WHERE NOT EXISTS (SELECT 1 FROM evicted_entries t WHERE t.entry_id = u.entry_id)
 ON CONFLICT (entry_id) DO NOTHING
 """
 # a batch of hits: rows for the requests not recorded yet, then each entry touched once with
@@ -62,7 +63,8 @@ ON CONFLICT (entry_id) DO NOTHING
 _INSERT_SEMANTIC = """
 INSERT INTO semantic_entries (entry_id, cache_key, partition, model, dim, canonical_prompt,
     embedding, created_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s::text::{type}, %s)
+SELECT %s, %s, %s, %s, %s, %s, %s::text::{type}, %s
+WHERE NOT EXISTS (SELECT 1 FROM evicted_entries t WHERE t.entry_id = %s)
 ON CONFLICT (entry_id) DO NOTHING
 """
 _REPLACE_SEMANTIC = """
@@ -186,7 +188,8 @@ class MetadataStore:
             vector_type = await self._embedding_type(cur)
             await cur.executemany(_INSERT_SEMANTIC.format(type=vector_type), [
                 (e.entry_id, e.cache_key, e.partition, e.embedding_model, len(vector),
-                 e.canonical_prompt, _vector_literal(vector, vector_type), _ts(e.at))
+                 e.canonical_prompt, _vector_literal(vector, vector_type), _ts(e.at),
+                 e.entry_id)
                 for e in embedded if (vector := _floats(e.embedding or ""))])
         origins = [e for e in stored if e.request_id]
         if origins:
@@ -198,7 +201,9 @@ class MetadataStore:
                 (h.entry_id, h.request_id, h.tier, h.latency_ms, h.at) for h in summary.hits],
                 5))
         evicted = [e.entry_id for e in events if e.type == "entry_evicted"]
-        if evicted:
+        if evicted:  # remembered: its entry_stored may come later, from another shard
+            await cur.execute("INSERT INTO evicted_entries (entry_id) SELECT unnest(%s::text[])"
+                              " ON CONFLICT DO NOTHING", (evicted,))
             await cur.execute("DELETE FROM cache_entries WHERE entry_id = ANY(%s)", (evicted,))
             await cur.execute("DELETE FROM semantic_entries WHERE entry_id = ANY(%s)",
                               (evicted,))
@@ -233,7 +238,10 @@ class MetadataStore:
         async with conn.transaction(), conn.cursor() as cur:
             await cur.execute("DELETE FROM applied_changes WHERE applied_at < now() - %s",
                               (older_than,))
-            return cur.rowcount
+            pruned = cur.rowcount
+            await cur.execute("DELETE FROM evicted_entries WHERE evicted_at < now() - %s",
+                              (older_than,))
+            return pruned
 
 
 # review and invalidation: short-lived connections (operator actions, the dashboard)
