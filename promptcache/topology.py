@@ -13,6 +13,7 @@ from typing import Literal
 import redis
 import structlog
 
+from promptcache.errors import ConfigError
 from promptcache.keys import Keys
 
 log = structlog.get_logger(__name__)
@@ -26,6 +27,9 @@ def _detect(url: str) -> bool:
     client = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
     try:
         return bool(client.info("cluster").get("cluster_enabled"))
+    except redis.ResponseError as exc:  # e.g. an ACL user without INFO
+        raise ConfigError(f"cannot ask {redis_display(url)} whether it is a cluster ({exc}); "
+                          "set PROMPTCACHE_CLUSTER=on or off") from exc
     finally:
         client.close()
 

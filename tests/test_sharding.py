@@ -7,6 +7,7 @@ import time
 import uuid
 import zlib
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -121,3 +122,21 @@ async def test_a_process_with_another_shard_count_is_refused(redis_url):
     finally:
         await client.delete(Keys(prefix).shard_count)
         await client.aclose()
+
+
+async def test_a_server_that_refuses_info_is_a_clear_error(redis_url):
+    """An ACL user without INFO cannot be asked whether the server is a cluster: say what to
+    set instead (the setting needs no question)."""
+    admin = aioredis.Redis.from_url(redis_url)
+    user = f"noinfo{uuid.uuid4().hex[:6]}"
+    await admin.acl_setuser(user, enabled=True, passwords=["+pw"], keys=["*"],
+                            commands=["+@all", "-info"])
+    where = urlsplit(redis_url)
+    url = f"redis://{user}:pw@{where.hostname}:{where.port or 6379}/0"
+    try:
+        with pytest.raises(ConfigError, match="set PROMPTCACHE_CLUSTER=on or off"):
+            is_cluster(url)
+        assert is_cluster(url, "off") is False
+    finally:
+        await admin.acl_deluser(user)
+        await admin.aclose()
