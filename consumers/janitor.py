@@ -249,7 +249,7 @@ class Janitor:
             await asyncio.to_thread(blobs.delete_name, name)
         removed_files = len(stale)
         stored, removed_entries = await self.registry.reconcile(
-            grace_s=self.orphan_grace.total_seconds())
+            grace_s=self.orphan_grace.total_seconds(), announce=self._announce)
         if removed_files or removed_entries:
             log.info("orphans_removed", files=removed_files, entries=removed_entries)
         log.info("storage_reconciled", stored_bytes=stored)

@@ -6,7 +6,9 @@ requests that never get an answer."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -203,6 +205,8 @@ async def test_reconcile_counts_a_registration_that_lands_during_its_scan(
     await asyncio.to_thread(blobs.put, b"\x89PNG first", "image/png", b"thumb")
     first = blobs.describe(b"\x89PNG first", "image/png", b"thumb")
     await entries.register(Registered("e_first", "k1", first.sha256, "image/png", 300, 1.0))
+    await redis.set(keys.exact("k1"), json.dumps({"entry_id": "e_first"}), ex=60)
+    await redis.set(keys.exact("k2"), json.dumps({"entry_id": "e_late"}), ex=60)
     try:
         total, removed = await entries.reconcile(grace_s=0)
     finally:
@@ -210,6 +214,34 @@ async def test_reconcile_counts_a_registration_that_lands_during_its_scan(
     # the scan had read the hash before e_late landed: the account still counts it
     assert removed == 0
     assert total == await entries.stored() == 300 + 700
+
+
+async def test_reconcile_evicts_an_entry_no_exact_key_points_at(
+        redis: aioredis.Redis, keys: Keys, tmp_path: Path) -> None:
+    """A writer that died between registering its entry and writing its exact key leaves an
+    entry nothing can serve (the prompt was generated again by the next request): the
+    janitor's reconciliation evicts it once it is older than the grace; the entry the key
+    names, and a young entry, stay."""
+    blobs = blob_store(tmp_path)
+    entries = EntryRegistry(redis, keys, blobs, limit_bytes=10**9)
+    written = await asyncio.to_thread(blobs.put, b"\x89PNG same picture", "image/png", b"t")
+    for entry_id, created in (("e_dead_writer", 1.0), ("e_served", 2.0),
+                              ("e_young", time.time())):
+        await entries.register(Registered(entry_id, "k", written.sha256, "image/png",
+                                          written.image_bytes + written.thumbnail_bytes,
+                                          created))
+    await redis.set(keys.exact("k"), json.dumps({"entry_id": "e_served"}), ex=60)
+    announced: list[tuple[str, str]] = []
+
+    async def announce(eviction, reason: str) -> None:
+        announced.append((eviction.entry.entry_id, reason))
+
+    total, removed = await entries.reconcile(grace_s=600, announce=announce)
+    assert removed == 1 and announced == [("e_dead_writer", "unreachable")]
+    assert {k.decode() for k in await redis.hkeys(keys.entries)} == {"e_served", "e_young"}
+    assert await redis.exists(keys.exact("k"))  # the served entry's key is untouched
+    assert images_on_disk(blobs) == {written.sha256}  # still referenced
+    assert total == await entries.stored()
 
 
 # --- part 4: single flight ---------------------------------------------------------------------

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,6 +213,17 @@ class Forget:
     args: tuple[str | int, ...] = ()
 
 
+def _entry_id_of(raw: bytes | None) -> str | None:
+    """The entry an exact key's value names (None: no key, or not a record)."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value.get("entry_id") if isinstance(value, dict) else None
+
+
 class EntryRegistry:
     def __init__(self, redis: aioredis.Redis, keys: Keys, blobs: Blobs, *,
                  limit_bytes: int, forget: Forget | None = None) -> None:
@@ -391,19 +403,45 @@ class EntryRegistry:
     async def blob_shas(self) -> set[str]:
         return {k.decode() async for k in self.redis.hscan_iter(self.keys.blob_refs, no_values=True)}
 
-    async def reconcile(self, *, grace_s: float = 600.0) -> tuple[int, int]:
-        """Unregister entries whose blob file is gone (older than `grace_s`: a writer registers
-        before it writes), then set the byte account to what the registered blobs use, in one
+    async def reconcile(self, *, grace_s: float = 600.0,
+                        announce: Callable[[Eviction, str], Awaitable[None]] | None = None
+                        ) -> tuple[int, int]:
+        """Unregister entries older than `grace_s` (a writer registers, then writes its files,
+        then its exact key) whose blob file is gone, or that no exact key points at (their
+        writer died before writing it, so a later request generated the prompt again: nothing
+        can serve them); then set the byte account to what the registered blobs use, in one
         script (a registration landing meanwhile is counted, never dropped).
+        `announce` is told of each eviction (the janitor publishes it for PostgreSQL).
         Returns (bytes, entries removed)."""
         removed = 0
         cutoff = time.time() - grace_s
+
+        async def evict(entry_id: str, reason: str) -> bool:
+            eviction = await self.evict(entry_id, reason=reason)
+            if eviction is not None and announce is not None:
+                await announce(eviction, reason)
+            return eviction is not None
+
+        old: list[Registered] = []
         async for raw_id, raw in self.redis.hscan_iter(self.keys.entries):
             entry = Registered.from_json(raw_id.decode(), raw)
-            if entry.created < cutoff and not await asyncio.to_thread(
-                    self.blobs.exists, entry.blob, entry.content_type):
-                await self.evict(entry.entry_id, reason="blob_missing")
-                removed += 1
+            if entry.created >= cutoff:
+                continue
+            if not await asyncio.to_thread(self.blobs.exists, entry.blob, entry.content_type):
+                removed += await evict(entry.entry_id, "blob_missing")
+            else:
+                old.append(entry)
+        for start in range(0, len(old), 500):
+            chunk = old[start:start + 500]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for entry in chunk:
+                    pipe.get(self.keys.exact(entry.cache_key))
+                pointers = await pipe.execute()
+            for entry, raw in zip(chunk, pointers, strict=True):
+                if _entry_id_of(raw) != entry.entry_id and await evict(entry.entry_id,
+                                                                        "unreachable"):
+                    log.info("unreachable_entry_evicted", entry_id=entry.entry_id)
+                    removed += 1
         total = int(await self._reconcile(
             keys=[self.keys.entries, self.keys.stored_bytes, self.deleting_key]))
         return total, removed
