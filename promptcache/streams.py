@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
 import redis.asyncio as aioredis
 import structlog
 from redis.crc import key_slot
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ClusterDownError, MasterDownError, ReadOnlyError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError, TryAgainError
 
 from promptcache.errors import ConfigError
 from promptcache.stream_ids import entry_time_ms, id_order, millis, next_id, older_id
@@ -50,6 +53,27 @@ def is_nogroup(exc: Exception) -> bool:
     return isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
 
 
+class FailingOver(RedisConnectionError):
+    """A cluster node answered that it is changing hands (a failover: a blocked read released
+    with UNBLOCKED, a write refused by a demoted primary, slots not served yet). Like a lost
+    connection: retried, and what was held stays pending."""
+
+
+_FAILOVER_ERRORS = (ClusterDownError, TryAgainError, MasterDownError, ReadOnlyError)
+
+
+@asynccontextmanager
+async def failover_is_unreachable() -> AsyncIterator[None]:
+    """Raise a failover's answers as `FailingOver`, which every caller retries like an outage
+    (consumers.group.UNREACHABLE)."""
+    try:
+        yield
+    except ResponseError as exc:
+        if isinstance(exc, _FAILOVER_ERRORS) or str(exc).startswith("UNBLOCKED"):
+            raise FailingOver(str(exc)) from exc
+        raise
+
+
 class GroupReader:
     """One consumer of one group: claims what dead consumers left, then reads new entries."""
 
@@ -72,6 +96,10 @@ class GroupReader:
         await ensure_group(self.redis, self.stream, self.group)
 
     async def read(self, count: int, skip: Sequence[str] = ()) -> list[Delivery]:
+        async with failover_is_unreachable():
+            return await self._read(count, skip)
+
+    async def _read(self, count: int, skip: Sequence[str]) -> list[Delivery]:
         # 1. after a restart under the same name, our own pending entries come first
         if not self._own_pending_checked:
             self._own_pending_checked = True
@@ -340,7 +368,8 @@ class Publisher:
         args += [len(changes), len(extra)]
         args += [data for _, data in further]
         if not self.durable:
-            flags = [int(f) for f in await self._script(keys=keys, args=args)]
+            async with failover_is_unreachable():
+                flags = [int(f) for f in await self._script(keys=keys, args=args)]
             for i, done in foreign:  # staged by this call, or by an earlier attempt
                 flags[i] = await publish_staged(self.redis, self.outbox, self.results_stream,
                                                 done) or flags[i]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -13,10 +14,11 @@ import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
+from consumers.group import UNREACHABLE
 from promptcache.client import check_shards
 from promptcache.errors import ConfigError
 from promptcache.keys import Keys, shard_of
-from promptcache.streams import Publisher, flush_outbox
+from promptcache.streams import FailingOver, GroupReader, Publisher, flush_outbox
 from promptcache.topology import is_cluster, keys_for
 
 
@@ -139,4 +141,33 @@ async def test_a_server_that_refuses_info_is_a_clear_error(redis_url):
         assert is_cluster(url, "off") is False
     finally:
         await admin.acl_deluser(user)
+        await admin.aclose()
+
+
+async def test_a_blocked_read_released_by_a_failover_is_retried_not_fatal(redis_url):
+    """A failover releases blocked XREADGROUPs with an UNBLOCKED error (seen in CI: it ended
+    both workers). It is an outage to retry, like a lost connection. Here the release comes
+    from CLIENT UNBLOCK ... ERROR, which sends the same error."""
+    stream = f"ub{uuid.uuid4().hex[:6]}:requests"
+    blocked = aioredis.Redis.from_url(redis_url, client_name="blocked-reader")
+    admin = aioredis.Redis.from_url(redis_url)
+    reader = GroupReader(blocked, stream, "workers", "c1", claim_idle=timedelta(seconds=60),
+                         block=timedelta(seconds=4))
+    await reader.ensure_group()
+    await reader.read(10)  # the own-pending check: the next read blocks
+    try:
+        read = asyncio.create_task(reader.read(10))
+        client_id = None
+        while client_id is None:
+            await asyncio.sleep(0.05)
+            client_id = next((c["id"] for c in await admin.client_list()
+                              if c.get("name") == "blocked-reader" and c.get("cmd") == "xreadgroup"),
+                             None)
+        await admin.execute_command("CLIENT", "UNBLOCK", client_id, "ERROR")
+        with pytest.raises(UNREACHABLE) as caught:
+            await read
+        assert isinstance(caught.value, FailingOver) and "UNBLOCKED" in str(caught.value)
+    finally:
+        await admin.delete(stream)
+        await blocked.aclose()
         await admin.aclose()
