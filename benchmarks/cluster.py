@@ -53,7 +53,6 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -69,16 +68,16 @@ from redis.asyncio.cluster import RedisCluster  # noqa: E402
 from redis.crc import key_slot  # noqa: E402
 
 from benchmarks.harness import (  # noqa: E402
-    RESULTS_DIR, STOP, Interrupted, ResultReader, _sigterm, cpu_times, git_state,
-    install_signal_handlers, load_avg, machine, progress, remove_signal_handlers, say,
-    scan_worker_logs, service_env, start_processes, stop_workers, system_cpu, worker_health,
-    write_json)
+    RESULTS_DIR, STOP, Interrupted, ResultReader, _sigterm, config_footer, cpu_times,
+    install_signal_handlers, load_avg, progress, remove_signal_handlers, say,
+    scan_worker_logs, service_env, start_processes, stop_workers, system_cpu, wait_for_workers,
+    report_head, worker_health, write_json)
 from benchmarks.spine import pick_prompts  # noqa: E402
 from ops.demo import retype  # noqa: E402
 from ops.embedded_cluster import EmbeddedCluster  # noqa: E402
 from ops.embedded_servers import EmbeddedValkey  # noqa: E402
 from promptcache.client import publish  # noqa: E402
-from promptcache.keys import REQUESTS_GROUP, Keys, shard_of  # noqa: E402
+from promptcache.keys import Keys, shard_of  # noqa: E402
 from schemas.events import Request  # noqa: E402
 
 SHUTDOWN_RESERVE_S = 30.0
@@ -294,34 +293,6 @@ def split_mixed(rows: list[dict[str, Any]], hits: int) -> None:
 
 # --- one configuration ------------------------------------------------------------------------
 
-async def wait_ready(client: Any, keys: Keys, procs: list[subprocess.Popen[bytes]],
-                     logs: list[Path], timeout: float) -> float:
-    """Every worker process has joined the requests group of every shard."""
-    pids = {str(p.pid) for p in procs}
-    started = time.monotonic()
-    while True:
-        for proc, log in zip(procs, logs, strict=True):
-            if proc.poll() is not None:
-                tail = log.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"worker pid {proc.pid} exited with {proc.returncode} "
-                                   f"during start:\n{tail}")
-        ready = 0
-        for shard in keys.all_shards():
-            try:
-                consumers = await client.xinfo_consumers(shard.requests, REQUESTS_GROUP)
-                names = {c["name"].decode().rsplit("#", 1)[-1] for c in consumers}
-            except redis.ResponseError:  # no stream or group yet
-                names = set()
-            ready += pids <= names
-        if ready == keys.shards:
-            return time.monotonic() - started
-        STOP.check()
-        if time.monotonic() - started > timeout:
-            raise RuntimeError(f"workers joined the group on {ready}/{keys.shards} shards "
-                               f"within {timeout:.0f} s")
-        await asyncio.sleep(0.1)
-
-
 @dataclass
 class Run:
     keys: Keys
@@ -387,8 +358,9 @@ async def run_config(args: argparse.Namespace, config: Config, url: str, nodes: 
         readers[shard.shard] = ShardReader(owner.url, shard.results, got)
     run = Run(keys, client, readers, got, deadline, f"{uuid.uuid4().hex[:6]}")
     try:
-        report["ready_s"] = round(await wait_ready(
-            client, keys, mine, mine_logs, max(min(deadline - time.monotonic(), 120), 1)), 1)
+        report["ready_s"] = round(await wait_for_workers(
+            "", keys, mine, mine_logs, max(min(deadline - time.monotonic(), 120), 1),
+            client=client), 1)
         say(f"  {args.workers} workers ready after {time.monotonic() - started:.1f} s")
         for reader in readers.values():
             reader.start()
@@ -684,13 +656,7 @@ def render(report: dict[str, Any]) -> str:
         "(and CPU per hit depends on batch sizes, which depend on the load).",
     ]
     for name, c in report.get("configs", {}).items():
-        events = (c.get("logs") or {}).get("unexpected_events")
-        if events:
-            lines.append(f"{name} stderr (level:event, unexpected): {events}")
-        for site, count in list((c.get("logs") or {}).get("exceptions", {}).items())[:3]:
-            lines.append(f"  {count} x {site}")
-        for note in c.get("notes", []):
-            lines.append(f"{name} note: {note}")
+        lines += config_footer(name, c)
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -705,12 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     tmp = Path(tempfile.mkdtemp(prefix="promptcache-cluster-"))
     report: dict[str, Any] = {
-        "benchmark": "cluster",
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "git": git_state(),
-        "command": " ".join(["benchmarks/cluster.py", *(sys.argv[1:] if argv is None
-                                                         else argv)]),
+        **report_head("cluster", argv),
         "parameters": {
             "configs": [c.name for c in args.config_list], "requests": args.requests,
             "repeats": args.repeats, "warm": args.warm, "workers": args.workers,

@@ -206,6 +206,28 @@ def git_state() -> dict[str, Any]:
 
 # --- the results stream -----------------------------------------------------------------------
 
+def report_head(name: str, argv: list[str] | None) -> dict[str, Any]:
+    """The first fields of a benchmark's JSON: what ran, when, where, at which commit."""
+    return {"benchmark": name,
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": machine(), "git": git_state(),
+            "command": " ".join([f"benchmarks/{name}.py",
+                                 *(sys.argv[1:] if argv is None else argv)])}
+
+
+def config_footer(name: str, config: dict[str, Any], events: str = "unexpected_events",
+                  label: str = "level:event, unexpected") -> list[str]:
+    """A configuration's worker stderr findings and notes, under a benchmark's table."""
+    lines = []
+    logs = config.get("logs") or {}
+    if logs.get(events):
+        lines.append(f"{name} stderr ({label}): {logs[events]}")
+    for site, count in list(logs.get("exceptions", {}).items())[:3]:
+        lines.append(f"  {count} x {site}")
+    lines += [f"{name} note: {note}" for note in config.get("notes", [])]
+    return lines
+
+
 class ResultReader:
     """One XREAD loop over the results stream from a cursor onwards, for the whole run.
     Subclasses keep what they need in `take(data, now)`; a request id seen twice is counted in
@@ -346,10 +368,13 @@ def stop_workers(procs: list[subprocess.Popen[bytes]], timeout: float = 12.0) ->
 
 async def wait_for_workers(url: str, keys: Keys, procs: list[subprocess.Popen[bytes]],
                            logs: list[Path], timeout: float = 30.0, *,
-                           semantic: bool = False) -> float:
-    """Every worker has joined the requests group (and, with `semantic`, published its semantic
-    index stats: its model is loaded). Returns the seconds it took."""
-    client = aioredis.Redis.from_url(url, socket_timeout=5)
+                           semantic: bool = False, client: Any = None) -> float:
+    """Every worker has joined the requests group of every shard (and, with `semantic`,
+    published its semantic index stats: its model is loaded). Returns the seconds it took.
+    `client`: the caller's (a cluster client, say), left open; default one to `url`."""
+    own = client is None
+    if own:
+        client = aioredis.Redis.from_url(url, socket_timeout=5)
     pids = {str(p.pid) for p in procs}
     started = time.monotonic()
     deadline = started + timeout
@@ -361,11 +386,13 @@ async def wait_for_workers(url: str, keys: Keys, procs: list[subprocess.Popen[by
                     tail = log.read_text(errors="replace")[-2000:]
                     raise RuntimeError(f"worker pid {proc.pid} exited with {proc.returncode} "
                                        f"during start:\n{tail}")
-            try:
-                consumers = await client.xinfo_consumers(keys.requests, REQUESTS_GROUP)
-                ready = {c["name"].decode().rsplit("#", 1)[-1] for c in consumers} & pids
-            except redis.ResponseError:  # no stream/group yet
-                ready = set()
+            ready = set(pids)
+            for shard in keys.all_shards():
+                try:
+                    consumers = await client.xinfo_consumers(shard.requests, REQUESTS_GROUP)
+                    ready &= {c["name"].decode().rsplit("#", 1)[-1] for c in consumers}
+                except redis.ResponseError:  # no stream/group yet
+                    ready = set()
             loaded = pids
             if semantic:
                 loaded = {k.decode().rsplit("#", 1)[-1] async for k in
@@ -385,7 +412,8 @@ async def wait_for_workers(url: str, keys: Keys, procs: list[subprocess.Popen[by
                                    f"{timeout:.0f} s")
             await asyncio.sleep(0.1)
     finally:
-        await client.aclose()
+        if own:
+            await client.aclose()
 
 
 def worker_health(url: str, keys: Keys) -> list[dict[str, Any]]:

@@ -55,7 +55,6 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -70,10 +69,10 @@ import redis.asyncio as aioredis  # noqa: E402
 from psycopg.conninfo import make_conninfo  # noqa: E402
 
 from benchmarks.harness import (  # noqa: E402
-    RESULTS_DIR, STOP, Interrupted, ResultReader, _sigterm, cpu_times, git_state,
-    install_signal_handlers, load_avg, machine, percentiles, remove_signal_handlers, say,
+    RESULTS_DIR, STOP, Interrupted, ResultReader, _sigterm, config_footer, cpu_times,
+    install_signal_handlers, load_avg, percentiles, remove_signal_handlers, say,
     scan_worker_logs, service_env, start_processes, stop_workers, wait_for_workers,
-    worker_health, write_json)
+    report_head, worker_health, write_json)
 from benchmarks.spine import pick_prompts  # noqa: E402
 from ops.demo import retype  # noqa: E402
 from ops.embedded_servers import EmbeddedPostgres, EmbeddedValkey  # noqa: E402
@@ -721,13 +720,7 @@ def render(report: dict[str, Any]) -> str:
         svc = c.get("service")
         if svc:
             lines.append(f"{name} service: {svc}")
-        events = (c.get("logs") or {}).get("events")
-        if events:
-            lines.append(f"{name} stderr (level:event): {events}")
-        for site, count in list((c.get("logs") or {}).get("exceptions", {}).items())[:3]:
-            lines.append(f"  {count} x {site}")
-        for note in c.get("notes", []):
-            lines.append(f"{name} note: {note}")
+        lines += config_footer(name, c, events="events", label="level:event")
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -742,12 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     tmp = Path(tempfile.mkdtemp(prefix="promptcache-hitpath-"))
     report: dict[str, Any] = {
-        "benchmark": "hit_path",
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "git": git_state(),
-        "command": " ".join(["benchmarks/hit_path.py", *(sys.argv[1:] if argv is None
-                                                          else argv)]),
+        **report_head("hit_path", argv),
         "parameters": {
             "configs": [c.name for c in args.config_list], "requests": args.requests,
             "repeats": args.repeats, "warm": args.warm, "burst": args.burst,

@@ -13,7 +13,6 @@ killed primary's replica is promoted a few seconds later however long it was dis
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from types import TracebackType
 import redis
 import structlog
 
-from ops.embedded_servers import free_port, valkey_binary, valkey_cli
+from ops.embedded_servers import free_port, valkey_binary, valkey_cli, wait_for_pong
 
 log = structlog.get_logger(__name__)
 
@@ -345,19 +344,11 @@ class EmbeddedCluster:
 
     def _wait_ping(self, node: ClusterNode, deadline: float) -> None:
         assert node.process is not None
-        while time.monotonic() < deadline:
-            if node.process.poll() is not None:
-                raise RuntimeError(f"valkey-server {node.address} exited with "
-                                   f"{node.process.returncode}; see {node.log_path}")
-            try:
-                with socket.create_connection((node.host, node.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"valkey-server {node.address} did not answer; see {node.log_path}")
+        try:
+            wait_for_pong(node.process, node.host, node.port, node.log_path, deadline)
+        except TimeoutError:
+            raise RuntimeError(f"valkey-server {node.address} did not answer; "
+                               f"see {node.log_path}") from None
 
     def _create(self, deadline: float) -> None:
         """`valkey-cli --cluster create`: assign the slots, pair the replicas, meet all."""

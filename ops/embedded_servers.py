@@ -39,6 +39,25 @@ def valkey_cli() -> str:
     return str(cli)
 
 
+def wait_for_pong(process: subprocess.Popen[bytes], host: str, port: int, log: Path,
+                  deadline: float) -> None:
+    """Until a valkey-server child answers PING: RuntimeError (naming its log) if it exits,
+    TimeoutError at `deadline`."""
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"valkey-server {host}:{port} exited with {process.returncode}; "
+                               f"see {log}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError
+
+
 @dataclass
 class EmbeddedValkey:
     """A valkey-server child process: AOF everysec, noeviction, data in `data_dir`."""
@@ -69,20 +88,14 @@ class EmbeddedValkey:
             "--protected-mode", "yes", "--logfile", str(self.data_dir / "valkey.log"),
         ]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"valkey-server exited with {self.process.returncode}; "
-                                   f"see {self.data_dir / 'valkey.log'}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"valkey-server did not answer on port {self.port} in {timeout}s")
+        try:
+            wait_for_pong(self.process, self.host, self.port, self.data_dir / "valkey.log",
+                          time.monotonic() + timeout)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"valkey-server did not answer on port {self.port} in "
+                               f"{timeout}s") from None
+        return self
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -85,6 +85,17 @@ def _sha(result) -> str:
     return result.image_url.rsplit("/", 1)[1].split(".")[0]
 
 
+async def _a_miss(redis, keys, settings, generator, request_id: str, prompt: str):
+    """One request through the real worker: its result (a miss), its image's sha256 and the
+    store's `ab/cd` directory of it."""
+    await send(redis, keys.requests, request_id=request_id, prompt=prompt)
+    await worker_for(settings, redis, generator).run(burst=True)
+    first = (await results(redis, keys.results))[0]
+    assert (first.status, first.cache) == ("ok", "miss")
+    sha = _sha(first)
+    return first, sha, f"{sha[:2]}/{sha[2:4]}"
+
+
 def test_the_setting_chooses_the_store(tmp_path, redis_url, keys, bucket):
     assert isinstance(blob_store(make_settings(tmp_path, redis_url, keys)), BlobStore)
     assert isinstance(blob_store(make_settings(tmp_path, redis_url, keys, blobs="file")), BlobStore)
@@ -98,12 +109,8 @@ def test_the_setting_chooses_the_store(tmp_path, redis_url, keys, bucket):
 async def test_a_miss_writes_both_objects_and_a_repeat_is_an_exact_hit(redis, keys, s3_settings,
                                                                      bucket):
     generator = CountingGenerator()
-    await send(redis, keys.requests, request_id="s1", prompt="a lighthouse in fog")
-    await worker_for(s3_settings, redis, generator).run(burst=True)
-    first = (await results(redis, keys.results))[0]
-    assert (first.status, first.cache) == ("ok", "miss")
-    sha = _sha(first)
-    shard = f"{sha[:2]}/{sha[2:4]}"
+    first, sha, shard = await _a_miss(redis, keys, s3_settings, generator, "s1",
+                                      "a lighthouse in fog")
     objects = _objects(bucket)
     assert set(objects) == {f"cache/v1/images/{shard}/{sha}.png",
                             f"cache/v1/thumbnails/{shard}/{sha}.webp"}
@@ -225,12 +232,8 @@ async def test_a_public_base_hands_out_urls_straight_at_the_bucket(
     settings = make_settings(tmp_path, redis_url, keys, blobs=f"s3://{bucket[1]}/cache/v1",
                              blobs_public_url=base)
     generator = CountingGenerator()
-    await send(redis, keys.requests, request_id="p1", prompt="a tram in the snow")
-    await worker_for(settings, redis, generator).run(burst=True)
-    first = (await results(redis, keys.results))[0]
-    assert (first.status, first.cache) == ("ok", "miss")
-    sha = _sha(first)
-    shard = f"{sha[:2]}/{sha[2:4]}"
+    first, sha, shard = await _a_miss(redis, keys, settings, generator, "p1",
+                                      "a tram in the snow")
     image_key = f"cache/v1/images/{shard}/{sha}.png"
     thumb_key = f"cache/v1/thumbnails/{shard}/{sha}.webp"
     assert first.image_url == f"{s3_endpoint}/{bucket[1]}/{image_key}"  # no web, no signature

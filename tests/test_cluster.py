@@ -110,10 +110,25 @@ def answered(r: RedisCluster, keys: Keys, n: int) -> bool:
         return False
 
 
+def fresh(cluster: EmbeddedCluster) -> tuple[str, Keys]:
+    """A prefix spread over every primary, and its names (3 shards on the cluster)."""
+    prefix = spread_prefix(cluster)
+    return prefix, Keys(prefix, shards=SHARDS, cluster=True)
+
+
+def answered_once(client: RedisCluster, keys: Keys, n: int) -> list[Result]:
+    """Wait until n requests are answered and nothing is pending; each has one result."""
+    wait_for(lambda: answered(client, keys, n), 180, "every answer")
+    wait_for(lambda: idle(client, keys), 60, "nothing pending")
+    got = all_results(client, keys)
+    counts = Counter(x.request_id for x in got)
+    assert len(counts) == n and set(counts.values()) == {1}, counts.most_common(3)
+    return got
+
+
 def test_every_request_is_answered_once_across_shards_with_a_worker_killed(
         cluster, client, tmp_path, db):
-    prefix = spread_prefix(cluster)
-    keys = Keys(prefix, shards=SHARDS, cluster=True)
+    prefix, keys = fresh(cluster)
     env = env_for(cluster, prefix, tmp_path / "data", DATABASE_URL=db)
     n, distinct = 300, 60
     for i in range(n):
@@ -124,11 +139,7 @@ def test_every_request_is_answered_once_across_shards_with_a_worker_killed(
         procs[0].kill()  # SIGKILL: its held entries are taken over after PROMPTCACHE_CLAIM_IDLE
         procs[0].wait(10)
         procs.append(start_worker(env, tmp_path / "logs"))
-        wait_for(lambda: answered(client, keys, n), 180, "every answer")
-        wait_for(lambda: idle(client, keys), 60, "nothing pending")
-        got = all_results(client, keys)
-        counts = Counter(x.request_id for x in got)
-        assert len(counts) == n and set(counts.values()) == {1}, counts.most_common(3)
+        got = answered_once(client, keys, n)
         assert {x.status for x in got} == {"ok"}
         # each shard's requests are on its own primary, and every primary has some
         carrying = {cluster.primary_for_slot(key_slot(s.requests.encode())).port
@@ -177,8 +188,7 @@ def test_every_request_is_answered_once_across_shards_with_a_worker_killed(
 
 
 def test_a_failover_under_load_loses_no_request(cluster, client, tmp_path):
-    prefix = spread_prefix(cluster)
-    keys = Keys(prefix, shards=SHARDS, cluster=True)
+    prefix, keys = fresh(cluster)
     env = env_for(cluster, prefix, tmp_path / "data")
     n = 240
     procs = [start_worker(env, tmp_path / "logs") for _ in range(2)]
@@ -206,17 +216,13 @@ def test_a_failover_under_load_loses_no_request(cluster, client, tmp_path):
             == replica.port
         producer.join(120)
         assert len(sent) == n
-        wait_for(lambda: answered(client, keys, n), 180, "every answer")
-        wait_for(lambda: idle(client, keys), 60, "nothing pending")
-        counts = Counter(x.request_id for x in all_results(client, keys))
-        assert len(counts) == n and set(counts.values()) == {1}, counts.most_common(3)
+        answered_once(client, keys, n)
     finally:
         stop_processes(procs)
 
 
 def test_a_reply_to_stream_in_another_slot_gets_its_one_result(cluster, client, tmp_path):
-    prefix = spread_prefix(cluster)
-    keys = Keys(prefix, shards=SHARDS, cluster=True)
+    prefix, keys = fresh(cluster)
     env = env_for(cluster, prefix, tmp_path / "data")
     reply_to = f"app-{uuid.uuid4().hex[:6]}:images"
     send(client, keys, "r-1", "a paper boat on a puddle", reply_to=reply_to)
@@ -243,8 +249,7 @@ def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
 
 def test_two_hosts_share_only_the_cluster_and_the_bucket(cluster, client, tmp_path, bucket,  # noqa: F811
                                                          s3_endpoint):  # noqa: F811
-    prefix = spread_prefix(cluster)
-    keys = Keys(prefix, shards=SHARDS, cluster=True)
+    prefix, keys = fresh(cluster)
     s3 = dict(PROMPTCACHE_BLOBS=f"s3://{bucket[1]}/shared", AWS_ENDPOINT_URL=s3_endpoint,
               AWS_ACCESS_KEY_ID="promptcache-test", AWS_SECRET_ACCESS_KEY="promptcache-test-secret",
               AWS_REGION="us-east-1")
@@ -308,8 +313,7 @@ def test_a_primary_killed_mid_run_is_replaced_and_every_request_answered_once(
     the dead primary had not passed on is simply done again by the new one. (A reader that had
     read such a result from the dead primary sees the request answered a second time; the
     README says so.)"""
-    prefix = spread_prefix(cluster)
-    keys = Keys(prefix, shards=SHARDS, cluster=True)
+    prefix, keys = fresh(cluster)
     env = env_for(cluster, prefix, tmp_path / "data")
     n = 240
     for i in range(n):
@@ -325,10 +329,7 @@ def test_a_primary_killed_mid_run_is_replaced_and_every_request_answered_once(
         cluster.kill(victim)
         wait_for(lambda: replica.myself().is_primary, 60, "the replica's promotion")
         cluster.wait_ok(60)
-        wait_for(lambda: answered(client, keys, n), 180, "every answer")
-        wait_for(lambda: idle(client, keys), 60, "nothing pending")
-        counts = Counter(x.request_id for x in all_results(client, keys))
-        assert len(counts) == n and set(counts.values()) == {1}, counts.most_common(3)
+        answered_once(client, keys, n)
     finally:
         stop_processes(procs)
         cluster.restart(victim)  # it rejoins as a replica of the node that replaced it
@@ -338,8 +339,7 @@ def test_a_primary_killed_mid_run_is_replaced_and_every_request_answered_once(
 def test_the_semantic_tier_works_on_the_cluster(cluster, client, tmp_path, models_dir):
     """The semantic tier's keys (vectors, log, shared embeddings, similar-in-flight) live in the
     cache store's one slot; a rewrite sent to another shard is answered from the entry."""
-    prefix = spread_prefix(cluster)
-    keys = Keys(prefix, shards=SHARDS, cluster=True)
+    prefix, keys = fresh(cluster)
     data = tmp_path / "data"
     data.mkdir()
     (data / "models").symlink_to(models_dir, target_is_directory=True)
